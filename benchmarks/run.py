@@ -1,0 +1,61 @@
+"""`just bench` / `magi bench`: start a private stack, measure, write benchmarks/results/latest.json."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+from benchmarks.bus import measure_hop
+from benchmarks.infer import measure_tokens_per_s
+from shared import stack
+from shared.procs import free_port
+from shared.table import render
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
+    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",))
+    state = await stack.up(cfg, progress)
+    try:
+        metrics: dict[str, float] = {}
+        progress("bus round trips")
+        metrics.update(await measure_hop(state.nats_url, hop_n))
+        metrics.update(await measure_tokens_per_s(state.nats_url, rounds, progress))
+        return metrics
+    finally:
+        stack.down(home, progress)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="magi bench")
+    parser.add_argument("--rounds", type=int, default=2, help="passes over the prompt set")
+    parser.add_argument("--hop-requests", type=int, default=2000)
+    parser.add_argument("--home", default=".magi/bench")
+    args = parser.parse_args(argv)
+    started = time.time()
+    metrics = asyncio.run(_run(Path(args.home).resolve(), args.rounds, args.hop_requests))
+    result = {
+        "metrics": metrics,
+        "meta": {"started": started, "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(),
+                 "machine": platform.machine(), "python": platform.python_version()},
+    }
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "latest.json").write_text(json.dumps(result, indent=2) + "\n")
+    print(render(["metric", "value"], [[k, v] for k, v in metrics.items()]))
+    print(f"\nwritten to {RESULTS / 'latest.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

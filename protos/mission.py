@@ -1,0 +1,62 @@
+from __future__ import annotations
+
+from typing import Annotated
+
+import msgspec
+
+from protos.consensus import Strategy
+from protos.memory import Namespace, SearchHit
+
+
+class MissionRequest(msgspec.Struct, kw_only=True):
+    """`magi.mission.run`: the seed-000 mission keys plus consensus strategy and deadline."""
+
+    prompt: Annotated[str, msgspec.Meta(min_length=1, max_length=16384)]
+    needs_deep_analysis: bool = False  # with no variations either, one deep clone still runs
+    variations: Annotated[list[str], msgspec.Meta(max_length=32)] = []
+    context_needed: bool = False
+    embedding: list[float] | None = None
+    consensus: Strategy = "medoid"
+    deadline_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
+    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=2048)] = 96
+    namespace: Namespace = "default"
+    k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+
+
+class CloneResult(msgspec.Struct, kw_only=True):
+    clone_id: str
+    role: str
+    variation: str = ""
+    model: str = ""
+    node: str = ""
+    replica: str = ""
+    latency_ms: float = 0.0
+    ok: bool = False
+    text: str = ""
+    error: str | None = None
+    completion_tokens: int = 0
+
+
+class ConsensusSummary(msgspec.Struct, kw_only=True):
+    id: str
+    answer: str
+    strategy: str
+    agreement: float
+    votes: int
+    winner: str = ""
+
+
+class Timings(msgspec.Struct, kw_only=True):
+    total_ms: float
+    memory_ms: float = 0.0
+    clones_ms: float = 0.0
+    consensus_ms: float = 0.0
+
+
+class MissionReply(msgspec.Struct, kw_only=True):
+    mission_id: str
+    consensus: ConsensusSummary
+    clones: list[CloneResult]
+    context: list[SearchHit]
+    timings: Timings
+    trace_id: str = ""

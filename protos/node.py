@@ -1,0 +1,66 @@
+from __future__ import annotations
+
+from typing import Literal
+
+import msgspec
+
+Health = Literal["HEALTHY", "DEGRADED", "UNAVAILABLE", "MAINTENANCE"]
+
+
+class GpuInfo(msgspec.Struct, kw_only=True):
+    name: str
+    memory_total_gb: float
+    memory_used_gb: float = 0.0
+
+
+class Heartbeat(msgspec.Struct, kw_only=True):
+    """Published by every node agent on `magi.node.<node>.heartbeat`."""
+
+    node: str
+    seq: int
+    sent_at: float  # agent wall clock, informational only: liveness uses the receiver's clock
+    host: str = ""
+    cpu_count: int = 0
+    cpu_percent: float = 0.0
+    load_1m: float = 0.0
+    ram_total_gb: float = 0.0
+    ram_used_gb: float = 0.0
+    ram_percent: float = 0.0
+    disk_total_gb: float = 0.0
+    disk_percent: float = 0.0
+    gpus: list[GpuInfo] = []
+    instances: list[str] = []
+    health: Health = "HEALTHY"
+    labels: dict[str, str] = {}
+
+
+class NodeState(msgspec.Struct, kw_only=True):
+    name: str
+    status: Health
+    last_seen_s: float  # seconds since the scheduler last heard from the node
+    heartbeat: Heartbeat
+
+
+class NodesReply(msgspec.Struct, kw_only=True):
+    nodes: list[NodeState]
+
+
+class NodeReport(msgspec.Struct, kw_only=True):
+    name: str
+    status: str
+    instances: int
+    max_instances: int
+    ram_allocated_gb: float
+    ram_total_gb: float
+    ram_utilization_percent: float
+    gpu: bool
+
+
+class ClusterReport(msgspec.Struct, kw_only=True):
+    """`magi.sched.report`: the seed-002 resource report."""
+
+    timestamp: str
+    total_nodes: int
+    total_instances: int
+    nodes: list[NodeReport]
+    warnings: list[str] = []

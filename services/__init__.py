@@ -1,0 +1,1 @@
+"""MAGI's services; each runs as its own OS process: `python -m services.<name>`."""

@@ -1,0 +1,1 @@
+"""Inference service: model replicas as Ray actors behind `magi.infer.*`. Ray lives only here."""

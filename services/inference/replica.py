@@ -1,0 +1,54 @@
+"""A model replica as a Ray actor: it owns one engine and serves one request at a time.
+
+`abort` and `stats` run in a separate concurrency group so they answer while a generation runs.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict
+
+import services.inference.ray_runtime  # noqa: F401  (confines Ray to loopback before import)
+import ray
+
+from services.inference.engine import GenerateParams, LlamaCppEngine
+
+
+@ray.remote(concurrency_groups={"control": 1})
+class LlamaReplica:
+    def __init__(self, replica_id: str, model_path: str, n_ctx: int, threads: int, embedding: bool) -> None:
+        from pathlib import Path
+
+        self.replica_id = replica_id
+        self.node = os.environ.get("MAGI_NODE_NAME") or socket.gethostname()
+        self.engine = LlamaCppEngine(Path(model_path), n_ctx=n_ctx, threads=threads, embedding=embedding)
+        self.engine.load()
+        self.current = ""
+
+    def warmup(self) -> dict:
+        """Ready means a real generation (or embedding) went through, not just a live process."""
+        if self.engine.embedding:
+            self.engine.embed(["warm up"])
+        else:
+            self.engine.generate(GenerateParams(messages=[{"role": "user", "content": "Hi"}], max_tokens=1, temperature=0.0))
+        return {"replica": self.replica_id, "node": self.node, "pid": os.getpid()}
+
+    def generate(self, params: dict, request_id: str) -> dict:
+        self.current = request_id
+        try:
+            return asdict(self.engine.generate(GenerateParams(**params)))
+        finally:
+            self.current = ""
+
+    def embed(self, texts: list[str], request_id: str) -> list[list[float]]:
+        return self.engine.embed(texts)
+
+    @ray.method(concurrency_group="control")
+    def abort(self, request_id: str) -> None:
+        """Abort only the named request: by the time this arrives another one may be running."""
+        if request_id and request_id == self.current:
+            self.engine.abort()
+
+    def close(self) -> None:
+        self.engine.close()

@@ -1,0 +1,1 @@
+"""Memory service: documents with embeddings in PostgreSQL + pgvector (HNSW, cosine)."""

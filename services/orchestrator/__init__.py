@@ -1,0 +1,1 @@
+"""Mission orchestrator: the seed's execute_mission over NATS (clones in parallel, then consensus)."""

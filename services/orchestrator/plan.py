@@ -1,0 +1,34 @@
+"""Turning a mission into clone tasks: pure, so it is unit-tested without any server."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from protos.memory import SearchHit
+from protos.mission import MissionRequest
+
+
+@dataclass(frozen=True)
+class CloneTask:
+    clone_id: str
+    role: str  # "heavy" for deep analysis, "fast" for variations
+    variation: str
+    prompt: str
+
+
+def context_block(hits: list[SearchHit]) -> str:
+    if not hits:
+        return ""
+    lines = "\n".join(f"- {h.text}" for h in hits)
+    return f"Relevant notes:\n{lines}\n\n"
+
+
+def plan_clones(mission: MissionRequest, hits: list[SearchHit]) -> list[CloneTask]:
+    """Deep analysis on the heavy role, one fast clone per variation; with neither, one deep clone."""
+    context = context_block(hits)
+    tasks: list[CloneTask] = []
+    if mission.needs_deep_analysis or not mission.variations:
+        tasks.append(CloneTask("deep", "heavy", "", f"{context}{mission.prompt}\nThink it through and answer."))
+    for i, variation in enumerate(mission.variations):
+        tasks.append(CloneTask(f"var{i}", "fast", variation, f"{context}{mission.prompt}\nAnswer {variation}."))
+    return tasks

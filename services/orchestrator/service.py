@@ -1,0 +1,113 @@
+"""`magi.mission.run`: memory context, shadow clones in parallel, consensus, one reply."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+
+from nats.aio.client import Client
+
+from protos.consensus import ConsensusRecord, DecideRequest, Vote
+from protos.infer import GenerateReply, GenerateRequest
+from protos.memory import SearchHit, SearchReply, SearchRequest
+from protos.mission import CloneResult, ConsensusSummary, MissionReply, MissionRequest, Timings
+from services.orchestrator.plan import CloneTask, plan_clones
+from shared import bus
+from shared.config import Settings
+from shared.errors import DeadlineExceeded, MagiError, Unprocessable, translate
+from shared.service import MagiService, RequestContext
+from shared.telemetry import current_trace_id, tracer
+
+VERSION = "0.1.0"
+log = logging.getLogger("magi.orchestrator")
+
+
+def _ms(since: float) -> float:
+    return round((time.perf_counter() - since) * 1000, 2)
+
+
+class Orchestrator:
+    def __init__(self, nc: Client) -> None:
+        self.nc = nc
+
+    async def run(self, mission: MissionRequest, ctx: RequestContext) -> MissionReply:
+        started = time.perf_counter()
+        deadline = started + mission.deadline_s
+        try:
+            return await asyncio.wait_for(self._run(mission, started, deadline), mission.deadline_s)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"mission exceeded its deadline of {mission.deadline_s} s", field="deadline_s") from None
+
+    async def _run(self, mission: MissionRequest, started: float, deadline: float) -> MissionReply:
+        mission_id = uuid.uuid4().hex
+        with tracer().start_as_current_span("mission", attributes={"magi.mission_id": mission_id}):
+            t0 = time.perf_counter()
+            hits = await self._context(mission, deadline) if mission.context_needed else []
+            memory_ms = _ms(t0)
+            t1 = time.perf_counter()
+            tasks = plan_clones(mission, hits)
+            clones = await asyncio.gather(*(self._clone(task, mission, deadline) for task in tasks))
+            clones_ms = _ms(t1)
+            if not any(c.ok for c in clones):
+                raise Unprocessable("every clone failed: " + "; ".join(f"{c.clone_id}: {c.error}" for c in clones))
+            t2 = time.perf_counter()
+            record = await self._decide(mission, mission_id, clones, deadline)
+            return MissionReply(
+                mission_id=mission_id,
+                consensus=ConsensusSummary(
+                    id=record.id, answer=record.answer, strategy=record.strategy,
+                    agreement=record.agreement, votes=len(record.votes), winner=record.winner,
+                ),
+                clones=list(clones),
+                context=hits,
+                timings=Timings(total_ms=_ms(started), memory_ms=memory_ms, clones_ms=clones_ms, consensus_ms=_ms(t2)),
+                trace_id=current_trace_id(),
+            )
+
+    @staticmethod
+    def _left(deadline: float) -> float:
+        return max(0.05, deadline - time.perf_counter())
+
+    async def _context(self, mission: MissionRequest, deadline: float) -> list[SearchHit]:
+        query = SearchRequest(namespace=mission.namespace, k=mission.k, embedding=mission.embedding,
+                              text=None if mission.embedding is not None else mission.prompt)
+        reply = await bus.request(self.nc, "magi.memory.search", query, SearchReply, timeout=self._left(deadline))
+        return reply.hits
+
+    async def _clone(self, task: CloneTask, mission: MissionRequest, deadline: float) -> CloneResult:
+        result = CloneResult(clone_id=task.clone_id, role=task.role, variation=task.variation)
+        request = GenerateRequest(role=task.role, prompt=task.prompt, max_tokens=mission.max_tokens, temperature=0.7,
+                                  timeout_s=self._left(deadline))
+        t0 = time.perf_counter()
+        try:
+            reply = await bus.request(self.nc, "magi.infer.generate", request, GenerateReply, timeout=self._left(deadline))
+        except MagiError as exc:
+            result.error = f"{exc.code}: {exc.message}"
+        except Exception as exc:  # a clone's failure is reported in its row, the mission goes on
+            result.error = translate(exc).message
+        else:
+            result.ok = bool(reply.text.strip())
+            result.error = None if result.ok else "empty answer"
+            result.text, result.model, result.node, result.replica = reply.text, reply.model, reply.node, reply.replica
+            result.completion_tokens = reply.usage.completion_tokens
+        result.latency_ms = _ms(t0)
+        return result
+
+    async def _decide(self, mission: MissionRequest, mission_id: str, clones, deadline: float) -> ConsensusRecord:
+        votes = [Vote(clone_id=c.clone_id, text=c.text, role=c.role, model=c.model, node=c.node, ok=c.ok) for c in clones]
+        request = DecideRequest(votes=votes, strategy=mission.consensus, mission_id=mission_id)
+        return await bus.request(self.nc, "magi.consensus.decide", request, ConsensusRecord, timeout=self._left(deadline))
+
+
+async def build(settings: Settings):
+    service = MagiService("magi-orchestrator", VERSION, "Shadow-clone missions: fan out, merge", settings)
+    nc = await service.connect()
+    orchestrator = Orchestrator(nc)
+    service.endpoint("magi.mission.run", MissionRequest, orchestrator.run)
+
+    async def cleanup() -> None:
+        return None
+
+    return service, cleanup

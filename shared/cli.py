@@ -1,0 +1,282 @@
+"""`magi`: the command line for the local stack and for any running MAGI cluster."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+import textwrap
+from pathlib import Path
+
+import msgspec
+
+from shared import bus, stack
+from shared.config import load_settings
+from shared.errors import MagiError
+from shared.table import render
+
+
+def progress(message: str) -> None:
+    print(f"... {message}", file=sys.stderr, flush=True)
+
+
+def _settings(args):
+    settings = load_settings()
+    if getattr(args, "home", None):
+        settings = msgspec.structs.replace(settings, home=args.home)
+    return settings
+
+
+def _emit(obj, as_json: bool) -> bool:
+    if as_json:
+        print(msgspec.json.format(msgspec.json.encode(obj)).decode())
+    return as_json
+
+
+# ---- stack ---------------------------------------------------------------------------------------
+
+def cmd_up(args) -> int:
+    settings = _settings(args)
+    cfg = stack.StackConfig.from_settings(settings, nats_port=args.nats_port, redis_port=args.redis_port)
+    state = asyncio.run(stack.up(cfg, progress))
+    print(f"MAGI is up: NATS {state.nats_url}, logs in {cfg.home / 'logs'}")
+    if state.nats_url != settings.nats_url:
+        print(f"export MAGI_NATS_URL={state.nats_url}")
+    return 0
+
+
+def cmd_down(args) -> int:
+    home = _settings(args).home_path
+    if not stack.down(home, progress):
+        print(f"no stack recorded under {home}")
+        return 0
+    print("MAGI is down")
+    return 0
+
+
+async def _ping_services(settings) -> dict[str, dict]:
+    nc = await bus.connect(settings)
+    try:
+        replies = {}
+        sub = await nc.subscribe(nc.new_inbox())
+        await nc.publish_request("$SRV.PING", sub.subject, b"")
+        deadline = asyncio.get_running_loop().time() + 0.5
+        while (left := deadline - asyncio.get_running_loop().time()) > 0:
+            try:
+                msg = await sub.next_msg(timeout=left)
+            except Exception:
+                break
+            info = json.loads(msg.data)
+            replies[f"{info['name']}/{info['id'][:6]}"] = info
+        return replies
+    finally:
+        await nc.close()
+
+
+def cmd_status(args) -> int:
+    settings = _settings(args)
+    rows = [[name, pid, "running" if alive else "stopped"] for name, pid, alive in stack.status(settings.home_path)]
+    if rows:
+        print(render(["component", "pid", "state"], rows))
+    try:
+        services = asyncio.run(_ping_services(settings))
+    except MagiError as exc:
+        print(exc.message)
+        return 1
+    print()
+    print(render(["service", "version"], [[k, v["version"]] for k, v in sorted(services.items())]))
+    return 0
+
+
+# ---- requests --------------------------------------------------------------------------------------
+
+async def _call(subject: str, payload, reply_type, timeout: float):
+    settings = load_settings()
+    nc = await bus.connect(settings)
+    try:
+        return await bus.request(nc, subject, payload, reply_type, timeout=timeout)
+    finally:
+        await nc.close()
+
+
+def cmd_nodes(args) -> int:
+    from protos.node import NodesReply
+
+    reply = asyncio.run(_call("magi.sched.nodes", b"{}", NodesReply, 5))
+    if not _emit(reply, args.json):
+        rows = [[n.name, n.status, f"{n.last_seen_s:.1f}s", n.heartbeat.cpu_count,
+                 f"{n.heartbeat.ram_used_gb:.1f}/{n.heartbeat.ram_total_gb:.1f}", len(n.heartbeat.gpus)] for n in reply.nodes]
+        print(render(["node", "status", "last seen", "cpus", "ram GB", "gpus"], rows))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from protos.node import ClusterReport
+
+    reply = asyncio.run(_call("magi.sched.report", b"{}", ClusterReport, 5))
+    _emit(reply, True)
+    return 0
+
+
+def cmd_models(args) -> int:
+    from protos.infer import ModelsReply
+
+    reply = asyncio.run(_call("magi.infer.models", b"{}", ModelsReply, 5))
+    if not _emit(reply, args.json):
+        rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.in_flight, r.served, r.tokens_per_s]
+                for m in reply.models for r in m.replicas]
+        print(render(["model", "roles", "replica", "node", "state", "in flight", "served", "tok/s"], rows))
+    return 0
+
+
+def print_mission(reply) -> None:
+    print(f"mission {reply.mission_id}   trace {reply.trace_id}")
+    print()
+    print(f"consensus ({reply.consensus.strategy}, agreement {reply.consensus.agreement:.2f}, "
+          f"{reply.consensus.votes} votes, winner {reply.consensus.winner}):")
+    print(textwrap.indent(textwrap.fill(reply.consensus.answer, 100), "  "))
+    print(f"stored as {reply.consensus.id}")
+    if reply.context:
+        print()
+        print(render(["memory hit", "score"], [[h.text[:90], f"{h.score:.3f}"] for h in reply.context]))
+    print()
+    rows = [[c.clone_id, c.role, c.variation or "-", c.model, c.node, c.replica, f"{c.latency_ms:.0f}",
+             "ok" if c.ok else f"failed: {c.error}"] for c in reply.clones]
+    print(render(["clone", "role", "variation", "model", "node", "replica", "ms", "result"], rows))
+    t = reply.timings
+    print(f"\ntotal {t.total_ms:.0f} ms (memory {t.memory_ms:.0f}, clones {t.clones_ms:.0f}, consensus {t.consensus_ms:.0f})")
+
+
+def cmd_mission(args) -> int:
+    from protos.mission import MissionReply, MissionRequest
+
+    request = MissionRequest(prompt=args.prompt, needs_deep_analysis=args.deep, variations=args.variation or [],
+                             context_needed=args.context, consensus=args.strategy, max_tokens=args.max_tokens,
+                             deadline_s=args.deadline)
+    progress(f"running mission with {int(args.deep or not args.variation) + len(args.variation or [])} clones")
+    reply = asyncio.run(_call("magi.mission.run", request, MissionReply, args.deadline + 5))
+    if not _emit(reply, args.json):
+        print_mission(reply)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    from protos.infer import ChatMessage, GenerateReply, GenerateRequest
+
+    history: list[ChatMessage] = []
+    prompts = [args.prompt] if args.prompt else None
+    while True:
+        text = prompts.pop(0) if prompts else (None if prompts is not None else _read_line())
+        if not text:
+            return 0
+        history.append(ChatMessage(role="user", content=text))
+        request = GenerateRequest(model=args.model, role=args.role, messages=history, max_tokens=args.max_tokens)
+        reply = asyncio.run(_call("magi.infer.generate", request, GenerateReply, 120))
+        history.append(ChatMessage(role="assistant", content=reply.text))
+        print(reply.text)
+        print(f"  [{reply.replica} on {reply.node}, {reply.usage.completion_tokens} tokens, {reply.latency_ms:.0f} ms]",
+              file=sys.stderr)
+
+
+def _read_line() -> str | None:
+    try:
+        return input("you> ").strip() or None
+    except EOFError:
+        return None
+
+
+def cmd_memory(args) -> int:
+    from protos.memory import MemoryDoc, SearchReply, SearchRequest, UpsertReply, UpsertRequest
+
+    if args.action == "add":
+        docs = [MemoryDoc(text=t, namespace=args.namespace) for t in args.text]
+        reply = asyncio.run(_call("magi.memory.upsert", UpsertRequest(documents=docs), UpsertReply, 60))
+        print("\n".join(reply.ids))
+        return 0
+    reply = asyncio.run(_call("magi.memory.search", SearchRequest(text=" ".join(args.text), namespace=args.namespace, k=args.k),
+                              SearchReply, 60))
+    if not _emit(reply, args.json):
+        print(render(["score", "id", "text"], [[f"{h.score:.3f}", h.id, h.text[:80]] for h in reply.hits]))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from shared.demo_run import run_demo
+
+    return run_demo(_settings(args), keep=args.keep, progress=progress)
+
+
+def cmd_bench(args) -> int:
+    from benchmarks.run import main as bench_main
+
+    return bench_main(args.rest)
+
+
+def cmd_protos(args) -> int:
+    from protos.export import write_schemas
+
+    for path in write_schemas(Path(args.out)):
+        print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="magi", description="MAGI shadow clones over NATS")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name, func, help_):
+        p = sub.add_parser(name, help=help_)
+        p.set_defaults(func=func)
+        p.add_argument("--home", help="state directory (default MAGI_HOME or .magi)")
+        return p
+
+    p = add("up", cmd_up, "start the local stack (NATS, Redis, PostgreSQL, every service)")
+    p.add_argument("--nats-port", type=int)
+    p.add_argument("--redis-port", type=int)
+    add("down", cmd_down, "stop the local stack")
+    add("status", cmd_status, "stack processes and the services answering $SRV.PING")
+    for name, func, help_ in (("nodes", cmd_nodes, "nodes the scheduler knows"), ("models", cmd_models, "models and replicas")):
+        add(name, func, help_).add_argument("--json", action="store_true")
+    add("report", cmd_report, "the cluster resource report (JSON)")
+    p = add("mission", cmd_mission, "run a shadow-clone mission")
+    p.add_argument("prompt")
+    p.add_argument("--deep", action="store_true", help="add a deep-analysis clone")
+    p.add_argument("--variation", "-v", action="append", help="one fast clone per variation")
+    p.add_argument("--context", action="store_true", help="search memory for context first")
+    p.add_argument("--strategy", default="medoid", choices=["medoid", "majority", "longest"])
+    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--deadline", type=float, default=120.0)
+    p.add_argument("--json", action="store_true")
+    p = add("chat", cmd_chat, "chat with a model (one prompt, or interactive)")
+    p.add_argument("prompt", nargs="?")
+    p.add_argument("--model", default="")
+    p.add_argument("--role", default="heavy", choices=["heavy", "fast"])
+    p.add_argument("--max-tokens", type=int, default=128)
+    p = add("memory", cmd_memory, "add documents to memory or search it")
+    p.add_argument("action", choices=["add", "search"])
+    p.add_argument("text", nargs="+")
+    p.add_argument("--namespace", default="default")
+    p.add_argument("-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    add("demo", cmd_demo, "start the stack, run the seed mission, stop").add_argument(
+        "--keep", action="store_true", help="leave the stack running afterwards")
+    add("bench", cmd_bench, "run the benchmarks").add_argument("rest", nargs=argparse.REMAINDER)
+    add("protos", cmd_protos, "export JSON Schemas of every contract").add_argument("--out", default="protos/schema")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except MagiError as exc:
+        where = f" (field {exc.field})" if exc.field else ""
+        print(f"magi {args.command}: {exc.message}{where}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

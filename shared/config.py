@@ -1,0 +1,72 @@
+"""Settings every MAGI process reads from the environment (twelve-factor style).
+
+Nothing here holds a secret: credentials (a PostgreSQL DSN with a password, SurrealDB users) come from
+the environment or from files outside git that the environment points at.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import msgspec
+
+DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+
+
+class Settings(msgspec.Struct, kw_only=True, frozen=True):
+    nats_url: str = DEFAULT_NATS_URL
+    home: str = ".magi"  # state, logs and data of the local stack
+    node_name: str = ""
+    pg_dsn: str = ""  # empty: the memory service is told the embedded pgserver's socket by `magi up`
+    redis_url: str = "redis://127.0.0.1:6479/0"
+    surreal_url: str = ""  # empty: embedded SurrealKV file under home
+    surreal_user: str = ""
+    surreal_pass: str = ""
+    max_payload: int = 256 * 1024  # bytes accepted per request; larger gets 413
+    heartbeat_s: float = 1.0
+    models_file: str = ""  # optional YAML model catalogue; empty: the built-in SmolLM2 catalogue
+    ray_address: str = ""  # empty: a local Ray confined to loopback
+    request_timeout_s: float = 120.0
+
+    @property
+    def home_path(self) -> Path:
+        return Path(self.home).resolve()
+
+    def node(self) -> str:
+        return self.node_name or socket.gethostname()
+
+
+_ENV = {
+    "nats_url": "MAGI_NATS_URL",
+    "home": "MAGI_HOME",
+    "node_name": "MAGI_NODE_NAME",
+    "pg_dsn": "MAGI_PG_DSN",
+    "redis_url": "MAGI_REDIS_URL",
+    "surreal_url": "MAGI_SURREAL_URL",
+    "surreal_user": "MAGI_SURREAL_USER",
+    "surreal_pass": "MAGI_SURREAL_PASS",
+    "max_payload": "MAGI_MAX_PAYLOAD",
+    "heartbeat_s": "MAGI_HEARTBEAT_S",
+    "models_file": "MAGI_MODELS_FILE",
+    "ray_address": "MAGI_RAY_ADDRESS",
+    "request_timeout_s": "MAGI_REQUEST_TIMEOUT_S",
+}
+
+
+def env_names() -> dict[str, str]:
+    """Setting name -> environment variable, for the README's config reference and `magi up`."""
+    return dict(_ENV)
+
+
+def load_settings(environ: dict[str, str] | None = None) -> Settings:
+    environ = os.environ if environ is None else environ
+    raw = {key: environ[var] for key, var in _ENV.items() if environ.get(var, "") != ""}
+    try:
+        return msgspec.convert(raw, Settings, strict=False)
+    except msgspec.ValidationError as exc:
+        from shared.errors import BadRequest, field_of_validation_error
+
+        field = field_of_validation_error(str(exc))
+        raise BadRequest(f"bad setting {_ENV.get(field or '', field)}: {exc}", field=field) from None

@@ -1,0 +1,134 @@
+"""One typed error hierarchy for every MAGI service and client.
+
+Third-party exceptions are translated in exactly one place, :func:`translate`, so handlers raise
+or let propagate whatever their library throws and callers always see one of these types.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+
+import msgspec
+
+log = logging.getLogger("magi.errors")
+
+
+class MagiError(Exception):
+    """Base of every error MAGI reports to a caller. ``code`` follows HTTP semantics."""
+
+    code: int = 500
+    kind: str = "internal"
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.field = field
+
+    def body(self) -> dict:
+        error = {"code": self.code, "kind": self.kind, "message": self.message}
+        if self.field is not None:
+            error["field"] = self.field
+        return {"error": error}
+
+
+class BadRequest(MagiError):
+    code, kind = 400, "bad_request"
+
+
+class NotFound(MagiError):
+    code, kind = 404, "not_found"
+
+
+class PayloadTooLarge(MagiError):
+    code, kind = 413, "payload_too_large"
+
+
+class Unprocessable(MagiError):
+    """The request was well formed but cannot be carried out (e.g. every clone failed)."""
+
+    code, kind = 422, "unprocessable"
+
+
+class Internal(MagiError):
+    code, kind = 500, "internal"
+
+
+class Unavailable(MagiError):
+    code, kind = 503, "unavailable"
+
+
+class DeadlineExceeded(MagiError):
+    code, kind = 504, "deadline_exceeded"
+
+
+class StackError(MagiError):
+    """The local stack cannot start or stop (port taken, binary missing, readiness timeout)."""
+
+    code, kind = 500, "stack"
+
+
+_BY_CODE = {cls.code: cls for cls in (BadRequest, NotFound, PayloadTooLarge, Unprocessable, Unavailable, DeadlineExceeded)}
+
+_AT_PATH = re.compile(r"at `\$(?P<path>[^`]*)`")
+_MISSING = re.compile(r"missing required field `(?P<name>[^`]+)`")
+
+
+def field_of_validation_error(message: str) -> str | None:
+    """Turn msgspec's ``... - at `$.a[0].b``` / ``missing required field `x``` into ``a[0].b`` / ``x``."""
+    path = ""
+    at = _AT_PATH.search(message)
+    if at:
+        path = at.group("path").lstrip(".")
+    missing = _MISSING.search(message)
+    if missing:
+        path = f"{path}.{missing.group('name')}" if path else missing.group("name")
+    return path or None
+
+
+def from_reply(code: str | int, description: str, body: bytes) -> MagiError:
+    """Rebuild the typed error a service replied with (``Nats-Service-Error*`` headers + JSON body)."""
+    field = None
+    try:
+        field = msgspec.json.decode(body).get("error", {}).get("field")
+    except (msgspec.DecodeError, AttributeError):
+        pass
+    cls = _BY_CODE.get(int(code) if str(code).isdigit() else 500, Internal)
+    return cls(description, field=field)
+
+
+def _module(exc: BaseException) -> str:
+    return type(exc).__module__ or ""
+
+
+def translate(exc: BaseException) -> MagiError:
+    """Map any exception to a :class:`MagiError`. Unknown ones become a generic 500 (logged, never echoed)."""
+    if isinstance(exc, MagiError):
+        return exc
+    if isinstance(exc, msgspec.ValidationError):
+        return BadRequest(str(exc), field=field_of_validation_error(str(exc)) or "$")
+    if isinstance(exc, msgspec.DecodeError):
+        return BadRequest(f"malformed JSON: {exc}", field="$")
+    if isinstance(exc, (asyncio.TimeoutError, TimeoutError)):
+        return DeadlineExceeded("deadline exceeded")
+    module = _module(exc)
+    name = type(exc).__name__
+    if module.startswith("nats"):
+        if name in ("NoRespondersError",):
+            return Unavailable("no service is answering on that subject")
+        if name in ("TimeoutError",):
+            return DeadlineExceeded("the service did not answer in time")
+        return Unavailable("message bus unavailable")
+    if module.startswith("asyncpg") or module.startswith("redis"):
+        log.warning("storage error", extra={"error_type": name, "error": str(exc)})
+        return Unavailable("storage backend unavailable")
+    if module.startswith("ray"):
+        if name == "GetTimeoutError":
+            return DeadlineExceeded("model replica did not answer in time")
+        log.warning("ray error", extra={"error_type": name, "error": str(exc)})
+        return Unavailable("model replica unavailable")
+    if isinstance(exc, (ConnectionError, OSError)):
+        return Unavailable("a backend connection failed")
+    log.error("unexpected error", exc_info=exc)
+    return Internal("internal error")

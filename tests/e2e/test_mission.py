@@ -1,0 +1,83 @@
+"""A real mission through the real stack with the real model."""
+
+import asyncio
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from protos.consensus import ConsensusRecord, GetRequest
+from protos.memory import UpsertReply, UpsertRequest
+from protos.mission import MissionReply, MissionRequest
+from shared import bus, demo
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+async def seeded(nc):
+    await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=demo.documents()), UpsertReply, timeout=60)
+
+
+async def test_seed_mission_end_to_end(nc, seeded, magi_stack):
+    mission = demo.mission()
+    reply = await bus.request(nc, "magi.mission.run", mission, MissionReply, timeout=150)
+    assert len(reply.clones) == 4 and all(c.ok for c in reply.clones), reply.clones
+    assert {c.role for c in reply.clones} == {"heavy", "fast"}
+    assert all(c.model == "smollm2-135m" and c.node == "testnode" and c.replica for c in reply.clones)
+    assert reply.context and all("schedul" in h.text.lower() or h.score > 0 for h in reply.context)
+    assert reply.consensus.answer in {c.text for c in reply.clones}
+    assert reply.consensus.votes == 4 and 0.0 <= reply.consensus.agreement <= 1.0
+
+    stored = await bus.request(nc, "magi.consensus.get", GetRequest(id=reply.consensus.id), ConsensusRecord, timeout=10)
+    assert stored.answer == reply.consensus.answer and stored.mission_id == reply.mission_id
+    assert sorted(v.clone_id for v in stored.votes) == sorted(c.clone_id for c in reply.clones)
+
+    await _assert_trace_crosses_services(Path(magi_stack.home), reply.trace_id)
+
+
+async def _assert_trace_crosses_services(home: Path, trace_id: str) -> None:
+    assert len(trace_id) == 32
+    wanted = {"magi-orchestrator", "magi-inference", "magi-memory", "magi-consensus"}
+    seen: set[str] = set()
+    for _ in range(40):  # spans are exported in batches every 0.5 s
+        seen = set()
+        for path in (home / "traces").glob("*.jsonl"):
+            for line in path.read_text().splitlines():
+                span = json.loads(line)
+                if span["trace_id"] == trace_id:
+                    seen.add(span["service"])
+        if wanted <= seen:
+            return
+        await asyncio.sleep(0.25)
+    assert wanted <= seen, f"trace {trace_id} seen only in {seen}"
+
+
+async def test_mission_without_clones_asked_runs_one_deep_clone(nc):
+    reply = await bus.request(nc, "magi.mission.run", MissionRequest(prompt="Say hello.", max_tokens=8),
+                              MissionReply, timeout=60)
+    assert [c.clone_id for c in reply.clones] == ["deep"] and reply.consensus.votes == 1
+
+
+async def test_mission_deadline_gives_504(nc):
+    from shared.errors import DeadlineExceeded
+
+    request = MissionRequest(prompt="Write a long story.", variations=["a", "b", "c"], max_tokens=512, deadline_s=0.3)
+    with pytest.raises(DeadlineExceeded) as info:
+        await bus.request(nc, "magi.mission.run", request, MissionReply, timeout=10)
+    assert info.value.field == "deadline_s"
+
+
+def test_cli_demo_uses_the_running_stack(magi_stack):
+    env = dict(os.environ, MAGI_NATS_URL=magi_stack.nats_url, MAGI_HOME=magi_stack.home)
+    magi = [sys.executable, "-m", "shared.cli"]
+    out = subprocess.run([*magi, "demo"], env=env, capture_output=True, text=True, timeout=200)
+    assert out.returncode == 0, out.stderr
+    assert "consensus (medoid" in out.stdout and "read back from SurrealDB: consensus:" in out.stdout
+    for column in ("clone", "role", "model", "node", "replica", "ms"):
+        assert column in out.stdout
+    status = subprocess.run([*magi, "status"], env=env, capture_output=True, text=True, timeout=30)
+    assert status.returncode == 0 and "magi-orchestrator" in status.stdout

@@ -1,0 +1,47 @@
+import asyncio
+
+import pytest
+
+from protos.infer import EmbedReply, EmbedRequest, GenerateReply, GenerateRequest, ModelsReply
+from shared import bus
+
+pytestmark = pytest.mark.integration
+
+
+async def test_models_lists_ready_replicas_with_their_node(nc):
+    reply = await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)
+    by_name = {m.name: m for m in reply.models}
+    assert set(by_name) == {"smollm2-135m", "smollm2-135m-embed"}
+    replicas = by_name["smollm2-135m"].replicas
+    assert len(replicas) == 2 and all(r.state == "ready" and r.node == "testnode" for r in replicas)
+
+
+async def test_generation_is_deterministic_at_temperature_zero(nc):
+    request = GenerateRequest(prompt="Name a colour.", max_tokens=12, temperature=0.0, seed=1)
+    first, second = [await bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=60) for _ in range(2)]
+    assert first.text and first.text == second.text
+    assert 0 < first.usage.completion_tokens <= 12
+    assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
+
+
+async def test_concurrent_requests_spread_over_replicas(nc):
+    request = GenerateRequest(role="fast", prompt="Count to five.", max_tokens=16, temperature=0.0)
+    replies = await asyncio.gather(
+        *(bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=90) for _ in range(4)))
+    assert {r.replica for r in replies} == {"smollm2-135m/0", "smollm2-135m/1"}
+
+
+async def test_chat_messages_are_accepted(nc):
+    request = {"messages": [{"role": "system", "content": "Answer briefly."}, {"role": "user", "content": "Hi"}],
+               "max_tokens": 8}
+    reply = await bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=60)
+    assert reply.model == "smollm2-135m" and reply.usage.completion_tokens > 0
+
+
+async def test_embeddings_are_normalised_and_deterministic(nc):
+    texts = ["schedulers place jobs", "schedulers place jobs", "a cat sat on the mat"]
+    reply = await bus.request(nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply, timeout=30)
+    assert reply.dim == 576 and len(reply.vectors) == 3
+    a, b, c = reply.vectors
+    assert a == b and a != c
+    assert abs(sum(x * x for x in a) - 1.0) < 1e-3
