@@ -100,6 +100,28 @@ async def _call(subject: str, payload, reply_type, timeout: float):
         await nc.close()
 
 
+async def _raw_request(subject: str, payload: bytes, timeout: float):
+    settings = load_settings()
+    nc = await bus.connect(settings)
+    try:
+        return await nc.request(subject, payload, timeout=timeout)
+    except Exception as exc:
+        from shared.errors import translate
+
+        raise translate(exc) from None
+    finally:
+        await nc.close()
+
+
+def cmd_req(args) -> int:
+    """Like `nats req SUBJECT JSON`, for machines without the nats CLI: prints headers and body."""
+    msg = asyncio.run(_raw_request(args.subject, args.payload.encode(), args.timeout))
+    for key, value in (msg.headers or {}).items():
+        print(f"{key}: {value}", file=sys.stderr)
+    print(msg.data.decode(errors="replace"))
+    return 1 if msg.headers and "Nats-Service-Error-Code" in msg.headers else 0
+
+
 def cmd_nodes(args) -> int:
     from protos.node import NodesReply
 
@@ -238,6 +260,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "stack processes and the services answering $SRV.PING")
     for name, func, help_ in (("nodes", cmd_nodes, "nodes the scheduler knows"), ("models", cmd_models, "models and replicas")):
         add(name, func, help_).add_argument("--json", action="store_true")
+    p = add("req", cmd_req, "send a raw request, like `nats req SUBJECT JSON`")
+    p.add_argument("subject")
+    p.add_argument("payload", nargs="?", default="{}")
+    p.add_argument("--timeout", type=float, default=130.0)
     add("report", cmd_report, "the cluster resource report (JSON)")
     p = add("mission", cmd_mission, "run a shadow-clone mission")
     p.add_argument("prompt")

@@ -14,6 +14,7 @@ from protos.infer import GenerateReply, GenerateRequest
 from protos.memory import SearchHit, SearchReply, SearchRequest
 from protos.mission import CloneResult, ConsensusSummary, MissionReply, MissionRequest, Timings
 from services.orchestrator.plan import CloneTask, plan_clones
+from services.orchestrator.queue import MissionQueue
 from shared import bus
 from shared.config import Settings
 from shared.errors import DeadlineExceeded, MagiError, Unprocessable, translate
@@ -32,16 +33,16 @@ class Orchestrator:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
 
-    async def run(self, mission: MissionRequest, ctx: RequestContext) -> MissionReply:
+    async def run(self, mission: MissionRequest, ctx: RequestContext, mission_id: str = "") -> MissionReply:
         started = time.perf_counter()
         deadline = started + mission.deadline_s
+        mission_id = mission_id or uuid.uuid4().hex
         try:
-            return await asyncio.wait_for(self._run(mission, started, deadline), mission.deadline_s)
+            return await asyncio.wait_for(self._run(mission, mission_id, started, deadline), mission.deadline_s)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"mission exceeded its deadline of {mission.deadline_s} s", field="deadline_s") from None
 
-    async def _run(self, mission: MissionRequest, started: float, deadline: float) -> MissionReply:
-        mission_id = uuid.uuid4().hex
+    async def _run(self, mission: MissionRequest, mission_id: str, started: float, deadline: float) -> MissionReply:
         with tracer().start_as_current_span("mission", attributes={"magi.mission_id": mission_id}):
             t0 = time.perf_counter()
             hits = await self._context(mission, deadline) if mission.context_needed else []
@@ -106,8 +107,6 @@ async def build(settings: Settings):
     nc = await service.connect()
     orchestrator = Orchestrator(nc)
     service.endpoint("magi.mission.run", MissionRequest, orchestrator.run)
-
-    async def cleanup() -> None:
-        return None
-
-    return service, cleanup
+    queue = MissionQueue(nc, orchestrator.run)
+    await queue.start()
+    return service, queue.close

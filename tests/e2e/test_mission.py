@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import msgspec
 import pytest
 
 from protos.consensus import ConsensusRecord, GetRequest
@@ -81,3 +82,28 @@ def test_cli_demo_uses_the_running_stack(magi_stack):
         assert column in out.stdout
     status = subprocess.run([*magi, "status"], env=env, capture_output=True, text=True, timeout=30)
     assert status.returncode == 0 and "magi-orchestrator" in status.stdout
+
+
+async def _queued_result(nc, mission_id: str, payload: bytes):
+    js = nc.jetstream()
+    ack = await js.publish("magi.mission.submit", payload, headers={"Nats-Msg-Id": mission_id})
+    assert ack.stream == "MAGI_MISSIONS"
+    sub = await js.subscribe(f"magi.mission.result.{mission_id}", ordered_consumer=True)
+    try:
+        return await sub.next_msg(timeout=120)
+    finally:
+        await sub.unsubscribe()
+
+
+async def test_published_mission_result_lands_in_the_results_stream(nc):
+    payload = MissionRequest(prompt="Name one planet.", variations=["in one word"], max_tokens=8)
+    msg = await _queued_result(nc, "e2e-queued-1", msgspec.json.encode(payload))
+    assert not (msg.headers or {}).get("Nats-Service-Error-Code")
+    reply = msgspec.json.decode(msg.data, type=MissionReply)
+    assert reply.mission_id == "e2e-queued-1" and reply.consensus.votes == 1
+
+
+async def test_published_bad_mission_gets_an_error_result(nc):
+    msg = await _queued_result(nc, "e2e-queued-bad", b'{"variations": 3}')
+    assert msg.headers["Nats-Service-Error-Code"] == "400"
+    assert json.loads(msg.data)["error"]["field"] in {"prompt", "variations"}

@@ -1,0 +1,1 @@
+"""Node agent: one per machine; publishes heartbeats with real resource figures."""

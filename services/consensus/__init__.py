@@ -1,0 +1,1 @@
+"""Consensus service: merges clone answers and stores every vote and decision in SurrealDB."""

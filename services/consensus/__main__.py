@@ -1,0 +1,5 @@
+from services.consensus.service import build
+from shared.runner import run_service
+
+if __name__ == "__main__":
+    run_service("magi-consensus", build)

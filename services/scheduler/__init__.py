@@ -1,0 +1,1 @@
+"""Scheduler: the cluster's node registry (kept in Redis) and its resource report."""

@@ -1,0 +1,57 @@
+"""Node status and the seed-002 report, as pure functions of what the scheduler has seen.
+
+Liveness is judged only by the scheduler's own monotonic clock at receipt: an agent whose wall clock
+is minutes off neither dies nor comes back to life because of it.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from protos.node import ClusterReport, Heartbeat, NodeReport, NodeState
+
+MISSED_BEATS = 3
+DEFAULT_MAX_INSTANCES = 4
+
+
+def status_of(hb: Heartbeat, last_seen: float | None, now: float, interval: float, maintenance: bool) -> str:
+    if maintenance:
+        return "MAINTENANCE"
+    if last_seen is None or now - last_seen > MISSED_BEATS * interval:
+        return "UNAVAILABLE"
+    return hb.health
+
+
+def node_state(hb: Heartbeat, last_seen: float | None, now: float, interval: float, maintenance: bool) -> NodeState:
+    age = float("inf") if last_seen is None else now - last_seen
+    return NodeState(name=hb.node, status=status_of(hb, last_seen, now, interval, maintenance),
+                     last_seen_s=round(min(age, 1e9), 3), heartbeat=hb)
+
+
+def _max_instances(hb: Heartbeat) -> int:
+    try:
+        return int(hb.labels.get("max_instances", DEFAULT_MAX_INSTANCES))
+    except ValueError:
+        return DEFAULT_MAX_INSTANCES
+
+
+def build_report(states: list[NodeState], when: datetime | None = None) -> ClusterReport:
+    nodes, warnings = [], []
+    for st in states:
+        hb = st.heartbeat
+        util = round(100.0 * hb.ram_used_gb / hb.ram_total_gb, 2) if hb.ram_total_gb else 0.0
+        nodes.append(NodeReport(
+            name=st.name, status=st.status.lower(), instances=len(hb.instances), max_instances=_max_instances(hb),
+            ram_allocated_gb=hb.ram_used_gb, ram_total_gb=hb.ram_total_gb, ram_utilization_percent=util,
+            gpu=bool(hb.gpus),
+        ))
+        if st.status == "UNAVAILABLE":
+            warnings.append(f"node {st.name} is unavailable (last seen {st.last_seen_s:.1f} s ago)")
+        elif hb.ram_percent > 90.0:
+            warnings.append(f"node {st.name} RAM at {hb.ram_percent:.1f} %")
+        elif hb.disk_percent > 90.0:
+            warnings.append(f"node {st.name} disk at {hb.disk_percent:.1f} %")
+    return ClusterReport(
+        timestamp=(when or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
+        total_nodes=len(nodes), total_instances=sum(n.instances for n in nodes), nodes=nodes, warnings=warnings,
+    )
