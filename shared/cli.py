@@ -60,7 +60,7 @@ async def _ping_services(settings) -> dict[str, dict]:
     try:
         replies = {}
         sub = await nc.subscribe(nc.new_inbox())
-        await nc.publish_request("$SRV.PING", sub.subject, b"")
+        await nc.publish("$SRV.PING", b"", reply=sub.subject)
         deadline = asyncio.get_running_loop().time() + 0.5
         while (left := deadline - asyncio.get_running_loop().time()) > 0:
             try:
