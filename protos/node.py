@@ -37,7 +37,7 @@ class Heartbeat(msgspec.Struct, kw_only=True):
 class NodeState(msgspec.Struct, kw_only=True):
     name: str
     status: Health
-    last_seen_s: float  # seconds since the scheduler last heard from the node
+    last_seen_s: float | None  # seconds since the scheduler last heard from the node; None: not since it started
     heartbeat: Heartbeat
 
 

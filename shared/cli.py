@@ -127,7 +127,7 @@ def cmd_nodes(args) -> int:
 
     reply = asyncio.run(_call("magi.sched.nodes", b"{}", NodesReply, 5))
     if not _emit(reply, args.json):
-        rows = [[n.name, n.status, f"{n.last_seen_s:.1f}s", n.heartbeat.cpu_count,
+        rows = [[n.name, n.status, "never" if n.last_seen_s is None else f"{n.last_seen_s:.1f}s", n.heartbeat.cpu_count,
                  f"{n.heartbeat.ram_used_gb:.1f}/{n.heartbeat.ram_total_gb:.1f}", len(n.heartbeat.gpus)] for n in reply.nodes]
         print(render(["node", "status", "last seen", "cpus", "ram GB", "gpus"], rows))
     return 0

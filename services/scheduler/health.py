@@ -23,9 +23,9 @@ def status_of(hb: Heartbeat, last_seen: float | None, now: float, interval: floa
 
 
 def node_state(hb: Heartbeat, last_seen: float | None, now: float, interval: float, maintenance: bool) -> NodeState:
-    age = float("inf") if last_seen is None else now - last_seen
+    age = None if last_seen is None else round(now - last_seen, 3)
     return NodeState(name=hb.node, status=status_of(hb, last_seen, now, interval, maintenance),
-                     last_seen_s=round(min(age, 1e9), 3), heartbeat=hb)
+                     last_seen_s=age, heartbeat=hb)
 
 
 def _max_instances(hb: Heartbeat) -> int:
@@ -46,7 +46,9 @@ def build_report(states: list[NodeState], when: datetime | None = None) -> Clust
             gpu=bool(hb.gpus),
         ))
         if st.status == "UNAVAILABLE":
-            warnings.append(f"node {st.name} is unavailable (last seen {st.last_seen_s:.1f} s ago)")
+            seen = "not heard from since the scheduler started" if st.last_seen_s is None else \
+                f"last seen {st.last_seen_s:.1f} s ago"
+            warnings.append(f"node {st.name} is unavailable ({seen})")
         elif hb.ram_percent > 90.0:
             warnings.append(f"node {st.name} RAM at {hb.ram_percent:.1f} %")
         elif hb.disk_percent > 90.0:
