@@ -131,13 +131,13 @@ def _start_postgres(cfg: StackConfig) -> tuple[int, str, str]:
     """pgserver's PostgreSQL listens on a unix socket only (no TCP at all); it outlives this process."""
     import warnings
 
-    import pgserver
-
     pgdata = cfg.home / "pgdata"
     pgdata.mkdir(parents=True, exist_ok=True)
     with warnings.catch_warnings():
         # pgserver keeps its lock under XDG_RUNTIME_DIR and falls back to /tmp/runtime-<uid> without it.
         warnings.filterwarnings("ignore", message="XDG_RUNTIME_DIR")
+        import pgserver
+
         server = pgserver.get_server(pgdata, cleanup_mode=None)
     pid = server.get_pid()
     if pid is None:
