@@ -3,21 +3,42 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import re
+import time
 
 import msgspec
 
 from protos.common import Empty
 from protos.node import Heartbeat
-from services.agent.resources import gpus, sample
+from services.agent.resources import prime_cpu_percent, sample
 from shared.config import Settings
 from shared.errors import BadRequest
 from shared.service import MagiService, RequestContext
 
+NAME = "magi-agent"
 VERSION = "0.1.0"
 log = logging.getLogger("magi.agent")
-_NODE_NAME = re.compile(r"^[A-Za-z0-9_-]+$")
+
+# The node name becomes one token of NATS subjects: no dots, spaces or wildcards.
+_NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+_encoder = msgspec.json.Encoder()
+
+
+def node_name(settings: Settings) -> str:
+    name = settings.node()
+    if not _NODE_NAME.match(name):
+        raise BadRequest(
+            f"node name {name!r} is not usable in NATS subjects: use 1-64 letters, digits, '-' or '_' "
+            "(set MAGI_NODE_NAME)",
+            field="node_name",
+        )
+    return name
+
+
+def heartbeat_subject(node: str) -> str:
+    return f"magi.node.{node}.heartbeat"
 
 
 class Agent:
@@ -26,49 +47,55 @@ class Agent:
         self.node = node
         self.settings = settings
         self.latest: Heartbeat | None = None
-        self._gpus = gpus()  # GPUs do not come and go; memory use is refreshed with each sample below
+        self.seq = 0
+        self.home = settings.home_path  # resolved once, here, rather than on the loop at every beat
         self._task: asyncio.Task | None = None
 
-    async def beat(self, seq: int) -> Heartbeat:
-        gpu_list = gpus() if self._gpus else []
-        hb = await asyncio.to_thread(sample, self.node, seq, self.settings.home_path, [], gpu_list)
+    async def _sample(self) -> Heartbeat:
+        return await asyncio.to_thread(sample, self.node, self.seq, [], home=self.home)
+
+    async def beat(self) -> Heartbeat:
+        self.seq += 1
+        hb = await self._sample()
         self.latest = hb
-        await self.service.nc.publish(f"magi.node.{self.node}.heartbeat", msgspec.json.encode(hb))
+        assert self.service.nc is not None
+        await self.service.nc.publish(heartbeat_subject(self.node), _encoder.encode(hb))
         return hb
 
     async def run(self) -> None:
-        seq = 0
+        await asyncio.to_thread(prime_cpu_percent)
+        interval = self.settings.heartbeat_s
+        next_at = time.monotonic()
         while True:
-            seq += 1
             try:
-                await self.beat(seq)
-            except Exception:  # a failed sample must not end the heartbeats
-                log.exception("heartbeat failed", extra={"node": self.node})
-            await asyncio.sleep(self.settings.heartbeat_s)
+                await self.beat()
+            except Exception as exc:  # a failed sample or publish must not end the heartbeats
+                log.warning("heartbeat failed", extra={"node": self.node, "error": f"{type(exc).__name__}: {exc}"})
+            # A fixed cadence: slow sampling does not stretch the interval the scheduler expects.
+            next_at = max(next_at + interval, time.monotonic())
+            await asyncio.sleep(next_at - time.monotonic())
 
     async def info(self, req: Empty, ctx: RequestContext) -> Heartbeat:
-        return self.latest or await self.beat(0)
+        # Before the first beat, a fresh sample (not published: the heartbeat stream stays the loop's).
+        return self.latest or await self._sample()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self.run())
+        self._task = asyncio.create_task(self.run(), name=f"heartbeat-{self.node}")
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-
-
-def node_name(settings: Settings) -> str:
-    name = settings.node()
-    if not _NODE_NAME.match(name):
-        raise BadRequest(f"node name {name!r} must be letters, digits, '-' or '_' (set MAGI_NODE_NAME)", field="node_name")
-    return name
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+            self._task = None
 
 
 async def build(settings: Settings):
     node = node_name(settings)
-    service = MagiService("magi-agent", VERSION, f"Node agent of {node}", settings)
+    service = MagiService(NAME, VERSION, f"Node agent of {node}", settings)
     agent = Agent(service, node, settings)
     service.endpoint(f"magi.node.{node}.info", Empty, agent.info)
     await service.connect()
-    agent.start()
+    agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
+    log.info("agent started", extra={"node": node, "interval_s": settings.heartbeat_s})
     return service, agent.close

@@ -36,12 +36,6 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 class Catalog(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     models: Annotated[list[ModelSpec], msgspec.Meta(min_length=1)]
 
-    def by_name(self, name: str) -> ModelSpec:
-        for spec in self.models:
-            if spec.name == name:
-                return spec
-        raise NotFound(f"unknown model {name!r}; known: {', '.join(m.name for m in self.models)}", field="model")
-
 
 def default_catalog() -> Catalog:
     return Catalog(

@@ -73,7 +73,8 @@ class Router:
             for i in range(spec.replicas):
                 rid = f"{spec.name}/{i}"
                 actor = replica_cls.options(
-                    name=f"replica:{rid}", num_cpus=0, max_restarts=3, lifetime=None
+                    # num_cpus=0: llama.cpp threads are sized by the catalogue, not by Ray's CPU accounting.
+                    name=f"replica:{rid}", num_cpus=0, max_restarts=3
                 ).remote(rid, path, spec.n_ctx, pool.threads, spec.embedding)
                 pool.replicas.append(Replica(replica_id=rid, actor=actor))
             self.pools[spec.name] = pool
