@@ -1,0 +1,157 @@
+"""Cluster and instance files (the seed-002 shapes), validated with every problem's path.
+
+Unknown keys are errors in these files (unlike wire messages): a typo in a config file must not be
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import msgspec
+import yaml
+
+from shared.errors import BadRequest, field_of_validation_error
+
+NodeType = Literal["jetson_orin", "raspberry_pi", "host", "generic"]
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
+Gb = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: Name
+    host: str = "127.0.0.1"
+    type: NodeType = "generic"
+    ram_gb: Annotated[float, msgspec.Meta(gt=0)]
+    gpu: bool = False
+    gpu_memory_gb: Gb = 0.0
+    cpu_cores: Annotated[int, msgspec.Meta(ge=1)] = 1
+    max_instances: Annotated[int, msgspec.Meta(ge=0)] = 4
+    reserved_ram_gb: Gb = 0.0
+    labels: dict[str, str] = {}
+
+
+class ClusterMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    name: str
+    description: str = ""
+
+
+class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    cluster: ClusterMeta
+    nodes: Annotated[list[NodeConfig], msgspec.Meta(min_length=1)]
+
+
+class InstanceSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """Seed 002's ExperimentInstance, plus what the agent needs to run it."""
+
+    instance_id: Name
+    ram_gb: Gb
+    gpu_required: bool = False
+    gpu_preferred: bool = False
+    gpu_memory_gb: Gb = 0.0
+    affinity: list[str] = []
+    anti_affinity: list[str] = []
+    preferred_node: str = ""
+    group: str = ""  # a gang: every member is placed, or none
+    experiment_config_path: str = ""
+    model_size_gb: Gb = 0.0  # a model-serving coordinator: placed by the seed-001 RAM/GPU score
+    command: list[str] = []
+    env: dict[str, str] = {}
+    cwd: str = ""
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+
+
+class InstancesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    instances: list[InstanceSpec]
+
+
+def _problems(node: Any, typ: type, path: str = "") -> list[str]:
+    """Every validation problem, not just the first: validate each list item on its own."""
+    try:
+        msgspec.convert(node, typ)
+        return []
+    except msgspec.ValidationError as exc:
+        first = str(exc)
+    fields = getattr(typ, "__struct_fields__", ())
+    nested = {"nodes": NodeConfig, "instances": InstanceSpec, "cluster": ClusterMeta}
+    problems: list[str] = []
+    if isinstance(node, dict):
+        for key, sub_type in nested.items():
+            if key in fields and isinstance(node.get(key), list):
+                for i, item in enumerate(node[key]):
+                    problems += _problems(item, sub_type, f"{path}{key}[{i}].")
+    if not problems:
+        problems.append(_with_path(first, path))
+    return problems
+
+
+_KINDS = {"`float`": "a number", "`int`": "an integer", "`str`": "a string", "`bool`": "true or false",
+          "`array`": "a list", "`object`": "a mapping", "`null`": "nothing"}
+_UNKNOWN = re.compile(r"Object contains unknown field `(?P<key>[^`]+)`")
+
+
+def _with_path(message: str, prefix: str) -> str:
+    """msgspec's message, reworded for a person editing YAML: `nodes[2].ram_gb: expected a number`."""
+    field = field_of_validation_error(message)
+    text = message.split(" - at `")[0]
+    unknown = _UNKNOWN.match(text)
+    if unknown:
+        field, text = (f"{field}." if field else "") + unknown.group("key"), "unknown key"
+    elif text.startswith("Object missing required field"):
+        text = "required key is missing"
+    for kind, words in _KINDS.items():
+        text = text.replace(kind, words)
+    location = f"{prefix}{field}" if field else prefix.rstrip(".") or "$"
+    return f"{location}: {text[0].lower()}{text[1:]}"
+
+
+def _load_yaml(path: Path) -> Any:
+    try:
+        return yaml.safe_load(path.read_text())
+    except OSError as exc:
+        raise BadRequest(f"{path}: cannot read: {exc.strerror}", field="path") from None
+    except yaml.YAMLError as exc:
+        raise BadRequest(f"{path}: not valid YAML: {exc}", field="path") from None
+
+
+def validate(raw: Any, typ: type) -> tuple[Any, list[str]]:
+    problems = _problems(raw, typ)
+    if problems:
+        return None, problems
+    parsed = msgspec.convert(raw, typ)
+    return parsed, _semantic_problems(parsed)
+
+
+def _semantic_problems(parsed: Any) -> list[str]:
+    problems: list[str] = []
+    items = parsed.nodes if isinstance(parsed, ClusterConfig) else parsed.instances
+    key = "name" if isinstance(parsed, ClusterConfig) else "instance_id"
+    seen: set[str] = set()
+    for i, item in enumerate(items):
+        value = getattr(item, key)
+        if value in seen:
+            problems.append(f"{'nodes' if key == 'name' else 'instances'}[{i}].{key}: duplicate {value!r}")
+        seen.add(value)
+        if isinstance(item, NodeConfig):
+            if item.reserved_ram_gb >= item.ram_gb:
+                problems.append(f"nodes[{i}].reserved_ram_gb: must be less than ram_gb ({item.ram_gb})")
+            if item.gpu_memory_gb and not item.gpu:
+                problems.append(f"nodes[{i}].gpu_memory_gb: set but gpu is false")
+    return problems
+
+
+def load(path: str | Path, typ: type) -> Any:
+    parsed, problems = validate(_load_yaml(Path(path)), typ)
+    if problems:
+        raise BadRequest(f"{path}: " + "; ".join(problems), field=problems[0].split(":")[0])
+    return parsed
+
+
+def load_cluster(path: str | Path) -> ClusterConfig:
+    return load(path, ClusterConfig)
+
+
+def load_instances(path: str | Path) -> list[InstanceSpec]:
+    return load(path, InstancesFile).instances
