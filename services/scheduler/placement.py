@@ -136,22 +136,38 @@ class Placer:
 
     def why_not(self, spec: InstanceSpec, node: int | None = None) -> str:
         """The hard constraint that rules out the node (or, with none given, every node)."""
-        nodes = [node] if node is not None else range(len(self.names))
-        reasons = []
-        for i in nodes:
-            name = self.names[i]
-            if not self.healthy[i]:
-                reasons.append(f"{name} is not healthy")
-            elif self.count[i] >= self.max_instances[i]:
-                reasons.append(f"{name} is at max_instances ({self.max_instances[i]})")
-            elif spec.gpu_required and not self.gpu[i]:
-                reasons.append(f"{name} has no GPU")
-            elif self.usable[i] - self.ram_alloc[i] < spec.ram_gb - 1e-9:
-                reasons.append(f"{name} has {self.usable[i] - self.ram_alloc[i]:.1f} GB RAM free, needs {spec.ram_gb:g}")
-            elif spec.gpu_memory_gb > 0 and self.gpu_total[i] - self.gpu_alloc[i] < spec.gpu_memory_gb - 1e-9:
-                reasons.append(f"{name} has {self.gpu_total[i] - self.gpu_alloc[i]:.1f} GB GPU memory free")
-            else:
-                reasons.append(f"{name} holds an anti-affine instance")
-        if node is None and len(reasons) > 3:
-            return f"no node fits ({'; '.join(reasons[:3])}; and {len(reasons) - 3} more)"
-        return "; ".join(reasons) if node is not None else f"no node fits ({'; '.join(reasons)})"
+        reasons = self._first_failures(spec)
+        if node is not None:
+            return self._reason(spec, node, reasons[node])
+        shown = [self._reason(spec, i, reasons[i]) for i in range(min(3, len(self.names)))]
+        more = len(self.names) - len(shown)
+        return f"no node fits ({'; '.join(shown)}{f'; and {more} more' if more else ''})"
+
+    def _first_failures(self, spec: InstanceSpec) -> np.ndarray:
+        """Per node, the first hard constraint it breaks (0-5, or 6: only anti-affinity), vectorised."""
+        checks = [
+            ~self.healthy,
+            self.count >= self.max_instances,
+            ~self.gpu if spec.gpu_required else np.zeros(len(self.names), dtype=bool),
+            self.usable - self.ram_alloc < spec.ram_gb - 1e-9,
+            (spec.gpu_memory_gb > 0) & (~self.gpu | (self.gpu_total - self.gpu_alloc < spec.gpu_memory_gb - 1e-9)),
+        ]
+        first = np.full(len(self.names), len(checks), dtype=np.int64)
+        for code in reversed(range(len(checks))):
+            first[checks[code]] = code
+        return first
+
+    def _reason(self, spec: InstanceSpec, i: int, code: int) -> str:
+        name = self.names[i]
+        if code == 0:
+            return f"{name} is not healthy"
+        if code == 1:
+            return f"{name} is at max_instances ({self.max_instances[i]})"
+        if code == 2:
+            return f"{name} has no GPU"
+        if code == 3:
+            return f"{name} has {self.usable[i] - self.ram_alloc[i]:.1f} GB RAM free, needs {spec.ram_gb:g}"
+        if code == 4:
+            free = self.gpu_total[i] - self.gpu_alloc[i] if self.gpu[i] else 0.0
+            return f"{name} has {free:.1f} GB GPU memory free, needs {spec.gpu_memory_gb:g}"
+        return f"{name} holds an anti-affine instance"
