@@ -13,6 +13,17 @@ class GpuInfo(msgspec.Struct, kw_only=True):
     memory_used_gb: float = 0.0
 
 
+class InstanceStatus(msgspec.Struct, kw_only=True):
+    """One instance as its node's agent sees it."""
+
+    instance_id: str
+    state: Literal["starting", "running", "reserved", "backoff", "crashloop", "exited", "failed"]
+    epoch: int = 0
+    pid: int | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+
+
 class Heartbeat(msgspec.Struct, kw_only=True):
     """Published by every node agent on `magi.node.<node>.heartbeat`."""
 

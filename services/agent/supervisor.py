@@ -1,0 +1,161 @@
+"""Runs the instances the scheduler assigns to this node: start, stop, restart with backoff.
+
+This replaces seed 002's SSH RemoteRunner: the agent on the node starts the process itself, keeps
+its output in `$MAGI_HOME/instances/<id>.log` and publishes each line on
+`magi.node.<node>.logs.<instance>`. An instance that keeps failing is backed off exponentially and,
+after CRASHLOOP_FAILURES failures inside CRASHLOOP_WINDOW_S, left stopped and reported as `crashloop`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Awaitable, Callable
+
+from protos.node import InstanceStatus
+from services.scheduler.cluster import InstanceSpec
+
+log = logging.getLogger("magi.agent.supervisor")
+
+BACKOFF_BASE_S = 0.5
+BACKOFF_MAX_S = 30.0
+CRASHLOOP_FAILURES = 5
+CRASHLOOP_WINDOW_S = 60.0
+STOP_GRACE_S = 5.0
+
+Publish = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass
+class Instance:
+    spec: InstanceSpec
+    epoch: int
+    state: str = "starting"
+    proc: asyncio.subprocess.Process | None = None
+    restarts: int = 0
+    exit_code: int | None = None
+    failures: list[float] = field(default_factory=list)
+    tasks: list[asyncio.Task] = field(default_factory=list)
+    stopping: bool = False
+
+    def status(self) -> InstanceStatus:
+        pid = self.proc.pid if self.proc is not None and self.proc.returncode is None else None
+        return InstanceStatus(instance_id=self.spec.instance_id, state=self.state, pid=pid, restarts=self.restarts,
+                              exit_code=self.exit_code, epoch=self.epoch)
+
+
+class Supervisor:
+    def __init__(self, node: str, home: Path, publish: Publish) -> None:
+        self.node = node
+        self.logs = home / "instances"
+        self.publish = publish
+        self.instances: dict[str, Instance] = {}
+
+    def statuses(self) -> list[InstanceStatus]:
+        return [inst.status() for _, inst in sorted(self.instances.items())]
+
+    async def reconcile(self, desired: list[InstanceSpec], epoch: int) -> None:
+        """Make what runs here match `desired`: stop the rest (fencing), start what is missing."""
+        wanted = {s.instance_id: s for s in desired}
+        for instance_id in [i for i in self.instances if i not in wanted]:
+            await self.stop(instance_id)
+        for instance_id, spec in wanted.items():
+            current = self.instances.get(instance_id)
+            if current is not None and current.spec != spec:
+                await self.stop(instance_id)
+                current = None
+            if current is None:
+                self.instances[instance_id] = inst = Instance(spec=spec, epoch=epoch)
+                await self._start(inst)
+            else:
+                current.epoch = epoch
+
+    async def _start(self, inst: Instance) -> None:
+        spec = inst.spec
+        if not spec.command:
+            inst.state = "reserved"  # placement only: nothing to run on this node
+            return
+        self.logs.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **spec.env, "MAGI_INSTANCE_ID": spec.instance_id, "MAGI_NODE_NAME": self.node}
+        if spec.experiment_config_path:
+            env["MAGI_EXPERIMENT_CONFIG"] = spec.experiment_config_path
+        try:
+            inst.proc = await asyncio.create_subprocess_exec(
+                *spec.command, env=env, cwd=spec.cwd or None, stdin=asyncio.subprocess.DEVNULL,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        except OSError as exc:
+            log.warning("instance failed to start", extra={"instance": spec.instance_id, "error": str(exc)})
+            inst.exit_code = 127
+            await self._exited(inst)
+            return
+        inst.state = "running"
+        log.info("instance started", extra={"instance": spec.instance_id, "pid": inst.proc.pid})
+        inst.tasks = [asyncio.create_task(self._pump(inst)), asyncio.create_task(self._wait(inst))]
+
+    async def _pump(self, inst: Instance) -> None:
+        subject = f"magi.node.{self.node}.logs.{inst.spec.instance_id}"
+        with (self.logs / f"{inst.spec.instance_id}.log").open("ab") as out:
+            async for line in inst.proc.stdout:
+                out.write(line)
+                out.flush()
+                try:
+                    await self.publish(subject, line.rstrip(b"\n"))
+                except Exception:  # the bus being away must not block the instance's output
+                    pass
+
+    async def _wait(self, inst: Instance) -> None:
+        inst.exit_code = await inst.proc.wait()
+        if not inst.stopping:
+            await self._exited(inst)
+
+    async def _exited(self, inst: Instance) -> None:
+        spec, now = inst.spec, time.monotonic()
+        failed = inst.exit_code != 0
+        log.info("instance exited", extra={"instance": spec.instance_id, "exit_code": inst.exit_code})
+        if spec.restart == "never" or (spec.restart == "on-failure" and not failed):
+            inst.state = "exited" if not failed else "failed"
+            return
+        inst.failures = [t for t in inst.failures if now - t < CRASHLOOP_WINDOW_S] + [now]
+        if len(inst.failures) >= CRASHLOOP_FAILURES:
+            inst.state = "crashloop"
+            log.warning("instance crash-looping; not restarting", extra={"instance": spec.instance_id})
+            return
+        inst.state = "backoff"
+        delay = min(BACKOFF_MAX_S, BACKOFF_BASE_S * 2 ** (len(inst.failures) - 1))
+        await asyncio.sleep(delay)
+        if not inst.stopping and self.instances.get(spec.instance_id) is inst:
+            inst.restarts += 1
+            await self._start(inst)
+
+    async def stop(self, instance_id: str) -> None:
+        inst = self.instances.pop(instance_id, None)
+        if inst is None:
+            return
+        inst.stopping = True
+        proc = inst.proc
+        if proc is not None and proc.returncode is None:
+            _signal_group(proc.pid, signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), STOP_GRACE_S)
+            except asyncio.TimeoutError:
+                _signal_group(proc.pid, signal.SIGKILL)
+                await proc.wait()
+        for task in inst.tasks:
+            task.cancel()
+        log.info("instance stopped", extra={"instance": instance_id})
+
+    async def stop_all(self) -> None:
+        for instance_id in list(self.instances):
+            await self.stop(instance_id)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        os.killpg(pid, sig)  # the instance leads its own session: its children go too
+    except ProcessLookupError:
+        pass

@@ -1,0 +1,78 @@
+"""The agent's process supervisor with real processes."""
+
+import asyncio
+import sys
+
+import psutil
+import pytest
+
+from services.agent import supervisor as sup
+from services.scheduler.cluster import InstanceSpec
+
+pytestmark = pytest.mark.integration
+
+SLEEPER = [sys.executable, "-c", "import time; print('hello from instance', flush=True); time.sleep(120)"]
+
+
+def spec(iid, command, restart="on-failure"):
+    return InstanceSpec(instance_id=iid, ram_gb=0.1, command=command, restart=restart)
+
+
+async def until(predicate, timeout=10.0):
+    deadline = asyncio.get_running_loop().time() + timeout
+    while not predicate():
+        assert asyncio.get_running_loop().time() < deadline, "condition not met in time"
+        await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def published():
+    return []
+
+
+@pytest.fixture
+async def supervisor(tmp_path, published):
+    async def publish(subject, data):
+        published.append((subject, data))
+
+    s = sup.Supervisor("n1", tmp_path, publish)
+    yield s
+    await s.stop_all()
+
+
+async def test_starts_logs_and_fences(supervisor, published, tmp_path):
+    await supervisor.reconcile([spec("a", SLEEPER)], epoch=3)
+    [status] = supervisor.statuses()
+    assert status.state == "running" and status.epoch == 3 and psutil.pid_exists(status.pid)
+    await until(lambda: published)
+    assert published[0] == ("magi.node.n1.logs.a", b"hello from instance")
+    assert (tmp_path / "instances" / "a.log").read_bytes() == b"hello from instance\n"
+    pid = status.pid
+    await supervisor.reconcile([], epoch=4)  # no longer assigned here: stopped at once
+    assert supervisor.statuses() == []
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+
+
+async def test_clean_exit_is_not_restarted_on_failure_policy(supervisor):
+    await supervisor.reconcile([spec("once", [sys.executable, "-c", "pass"])], epoch=1)
+    await until(lambda: supervisor.statuses()[0].state == "exited")
+    assert supervisor.statuses()[0].restarts == 0 and supervisor.statuses()[0].exit_code == 0
+
+
+async def test_crash_loop_is_backed_off_then_reported(supervisor, monkeypatch):
+    monkeypatch.setattr(sup, "BACKOFF_BASE_S", 0.01)
+    await supervisor.reconcile([spec("bad", [sys.executable, "-c", "raise SystemExit(3)"], restart="always")], epoch=1)
+    await until(lambda: supervisor.statuses()[0].state == "crashloop", timeout=20)
+    status = supervisor.statuses()[0]
+    assert status.restarts == sup.CRASHLOOP_FAILURES - 1 and status.exit_code == 3
+
+
+async def test_missing_program_fails_without_crashing_the_agent(supervisor, monkeypatch):
+    monkeypatch.setattr(sup, "BACKOFF_BASE_S", 0.01)
+    await supervisor.reconcile([spec("nope", ["/nonexistent/program"], restart="never")], epoch=1)
+    assert supervisor.statuses()[0].state == "failed" and supervisor.statuses()[0].exit_code == 127
+
+
+async def test_placement_only_instance_is_reserved(supervisor):
+    await supervisor.reconcile([spec("res", [])], epoch=1)
+    assert supervisor.statuses()[0].state == "reserved"
