@@ -6,7 +6,8 @@ import random
 import time
 
 from services.scheduler.batch import place_all
-from services.scheduler.cluster import InstanceSpec, NodeConfig
+from protos.sched import InstanceSpec
+from services.scheduler.cluster import NodeConfig
 from services.scheduler.placement import Placer
 
 KINDS = [  # (type, ram_gb, gpu, gpu_memory_gb, max_instances, reserved)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from protos import common, consensus, infer, memory, mission, node
+from protos import common, consensus, infer, memory, mission, node, sched
 
 # subject -> (request type, reply type); events have no reply.
 SUBJECTS: dict[str, tuple[type, type | None]] = {
@@ -21,6 +21,10 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.consensus.get": (consensus.GetRequest, consensus.ConsensusRecord),
     "magi.sched.nodes": (common.Empty, node.NodesReply),
     "magi.sched.report": (common.Empty, node.ClusterReport),
+    "magi.sched.place": (sched.PlaceRequest, sched.PlaceReply),
+    "magi.sched.release": (sched.ReleaseRequest, sched.ReleaseReply),
+    "magi.sched.drain": (sched.DrainRequest, sched.DrainReply),
+    "magi.sched.assignments": (sched.AssignmentsRequest, sched.AssignmentsReply),
     "magi.node.<node>.heartbeat": (node.Heartbeat, None),
     "magi.node.<node>.info": (common.Empty, node.Heartbeat),
     "error": (common.ErrorReply, None),

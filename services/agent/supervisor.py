@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Awaitable, Callable
 
 from protos.node import InstanceStatus
-from services.scheduler.cluster import InstanceSpec
+from protos.sched import InstanceSpec
 
 log = logging.getLogger("magi.agent.supervisor")
 

@@ -8,7 +8,7 @@ from itertools import groupby
 
 import numpy as np
 
-from services.scheduler.cluster import InstanceSpec
+from protos.sched import InstanceSpec
 from services.scheduler.placement import Placer, PlacementResult
 
 SEARCH_MAX_INSTANCES = 16  # above this, greedy alone (a full search is exponential)

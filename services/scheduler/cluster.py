@@ -13,11 +13,10 @@ from typing import Annotated, Any, Literal
 import msgspec
 import yaml
 
+from protos.sched import Gb, InstanceSpec, Name
 from shared.errors import BadRequest, field_of_validation_error
 
 NodeType = Literal["jetson_orin", "raspberry_pi", "host", "generic"]
-Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
-Gb = Annotated[float, msgspec.Meta(ge=0)]
 
 
 class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -43,28 +42,12 @@ class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     nodes: Annotated[list[NodeConfig], msgspec.Meta(min_length=1)]
 
 
-class InstanceSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    """Seed 002's ExperimentInstance, plus what the agent needs to run it."""
-
-    instance_id: Name
-    ram_gb: Gb
-    gpu_required: bool = False
-    gpu_preferred: bool = False
-    gpu_memory_gb: Gb = 0.0
-    affinity: list[str] = []
-    anti_affinity: list[str] = []
-    preferred_node: str = ""
-    group: str = ""  # a gang: every member is placed, or none
-    experiment_config_path: str = ""
-    model_size_gb: Gb = 0.0  # a model-serving coordinator: placed by the seed-001 RAM/GPU score
-    command: list[str] = []
-    env: dict[str, str] = {}
-    cwd: str = ""
-    restart: Literal["always", "on-failure", "never"] = "on-failure"
+class InstanceSpecFile(InstanceSpec, kw_only=True, forbid_unknown_fields=True):
+    """An instance as written in an INSTANCES.yaml file: same fields as the wire contract, typos refused."""
 
 
 class InstancesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    instances: list[InstanceSpec]
+    instances: list[InstanceSpecFile]
 
 
 def _problems(node: Any, typ: type, path: str = "") -> list[str]:
@@ -75,7 +58,7 @@ def _problems(node: Any, typ: type, path: str = "") -> list[str]:
     except msgspec.ValidationError as exc:
         first = str(exc)
     fields = getattr(typ, "__struct_fields__", ())
-    nested = {"nodes": NodeConfig, "instances": InstanceSpec, "cluster": ClusterMeta}
+    nested = {"nodes": NodeConfig, "instances": InstanceSpecFile, "cluster": ClusterMeta}
     problems: list[str] = []
     if isinstance(node, dict):
         for key, sub_type in nested.items():

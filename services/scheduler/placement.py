@@ -15,7 +15,8 @@ from dataclasses import dataclass, field
 import msgspec
 import numpy as np
 
-from services.scheduler.cluster import InstanceSpec, NodeConfig
+from protos.sched import InstanceSpec
+from services.scheduler.cluster import NodeConfig
 
 GPU_BONUS_GB = 5.0  # seed 001: "GPU nodes get 5GB bonus"
 EFFICIENT_BAND = (0.30, 0.70)  # seed 002: 30-70 % RAM use after placing is preferred

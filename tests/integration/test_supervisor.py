@@ -7,7 +7,7 @@ import psutil
 import pytest
 
 from services.agent import supervisor as sup
-from services.scheduler.cluster import InstanceSpec
+from protos.sched import InstanceSpec
 
 pytestmark = pytest.mark.integration
 

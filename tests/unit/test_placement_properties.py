@@ -7,7 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from services.scheduler.batch import place_all
-from services.scheduler.cluster import InstanceSpec, NodeConfig
+from protos.sched import InstanceSpec
+from services.scheduler.cluster import NodeConfig
 from services.scheduler.placement import Placer
 
 pytestmark = pytest.mark.unit

@@ -4,7 +4,8 @@ import pytest
 
 from services.scheduler import batch
 from services.scheduler.batch import place_all
-from services.scheduler.cluster import InstanceSpec, NodeConfig
+from protos.sched import InstanceSpec
+from services.scheduler.cluster import NodeConfig
 from services.scheduler.placement import Placer, coordinator_score_mb
 
 pytestmark = pytest.mark.unit

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+import msgspec
+
+Name = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]+$", max_length=64)]
+Gb = Annotated[float, msgspec.Meta(ge=0)]
+
+
+class InstanceSpec(msgspec.Struct, kw_only=True):
+    """Seed 002's ExperimentInstance, plus what the node agent needs to run it."""
+
+    instance_id: Name
+    ram_gb: Gb
+    gpu_required: bool = False
+    gpu_preferred: bool = False
+    gpu_memory_gb: Gb = 0.0
+    affinity: list[str] = []
+    anti_affinity: list[str] = []
+    preferred_node: str = ""
+    group: str = ""  # a gang: every member is placed, or none
+    experiment_config_path: str = ""
+    model_size_gb: Gb = 0.0  # a model-serving coordinator: placed by the seed-001 RAM/GPU score
+    command: list[str] = []  # empty: a placement only, nothing for the agent to run
+    env: dict[str, str] = {}
+    cwd: str = ""
+    restart: Literal["always", "on-failure", "never"] = "on-failure"
+
+
+class PlaceRequest(msgspec.Struct, kw_only=True):
+    """`magi.sched.place`: place (and have agents start) instances; `placement` pins some to nodes."""
+
+    instances: Annotated[list[InstanceSpec], msgspec.Meta(min_length=1, max_length=100_000)]
+    placement: dict[str, str] = {}
+
+
+class PlaceReply(msgspec.Struct, kw_only=True):
+    placements: dict[str, str]
+    unplaced: dict[str, str]
+    epoch: int
+
+
+class ReleaseRequest(msgspec.Struct, kw_only=True):
+    """`magi.sched.release`: forget placements; their agents stop them within a heartbeat."""
+
+    instance_ids: Annotated[list[str], msgspec.Meta(min_length=1)]
+
+
+class ReleaseReply(msgspec.Struct, kw_only=True):
+    released: list[str]
+    unknown: list[str]
+    epoch: int
+
+
+class DrainRequest(msgspec.Struct, kw_only=True):
+    """`magi.sched.drain`: MAINTENANCE on (no new placements, instances moved off) or off again."""
+
+    node: Name
+    drain: bool = True
+
+
+class DrainReply(msgspec.Struct, kw_only=True):
+    node: str
+    status: str
+    moved: dict[str, str] = {}
+    unplaced: dict[str, str] = {}
+    epoch: int = 0
+
+
+class AssignmentsRequest(msgspec.Struct, kw_only=True):
+    """`magi.sched.assignments`: what a node's agent should be running now."""
+
+    node: Name
+
+
+class AssignmentsReply(msgspec.Struct, kw_only=True):
+    node: str
+    epoch: int
+    instances: list[InstanceSpec]
