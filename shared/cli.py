@@ -223,6 +223,43 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def cmd_validate_config(args) -> int:
+    import yaml
+
+    from services.scheduler.cluster import ClusterConfig, InstancesFile, validate
+
+    try:
+        raw = yaml.safe_load(Path(args.file).read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        print(f"{args.file}: {exc}", file=sys.stderr)
+        return 1
+    typ = InstancesFile if isinstance(raw, dict) and "instances" in raw else ClusterConfig
+    parsed, problems = validate(raw, typ)
+    for problem in problems:
+        print(f"{args.file}: {problem}", file=sys.stderr)
+    if problems:
+        return 1
+    count = len(parsed.instances) if typ is InstancesFile else len(parsed.nodes)
+    print(f"{args.file}: ok ({count} {'instances' if typ is InstancesFile else 'nodes'})")
+    return 0
+
+
+def cmd_place(args) -> int:
+    """Offline planning: the scheduler's own code path, no running service needed."""
+    from services.scheduler.cluster import load_cluster, load_instances
+    from services.scheduler.planning import parse_explicit, plan
+
+    cluster = load_cluster(args.config)
+    result = plan(cluster.nodes, load_instances(args.instances), explicit=parse_explicit(args.placement or ""))
+    out = {"placements": result.placements, "unplaced": result.unplaced}
+    if args.json:
+        print(json.dumps(out, indent=2, sort_keys=True))
+    else:
+        rows = [[i, n] for i, n in sorted(result.placements.items())] + [[i, f"UNPLACED: {r}"] for i, r in sorted(result.unplaced.items())]
+        print(render(["instance", "node"], rows))
+    return 0 if not result.unplaced else 3
+
+
 def cmd_demo(args) -> int:
     from shared.demo_run import run_demo
 
@@ -260,6 +297,13 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "stack processes and the services answering $SRV.PING")
     for name, func, help_ in (("nodes", cmd_nodes, "nodes the scheduler knows"), ("models", cmd_models, "models and replicas")):
         add(name, func, help_).add_argument("--json", action="store_true")
+    add("validate-config", cmd_validate_config, "check a cluster or instances file; every problem with its path"
+        ).add_argument("file")
+    p = add("place", cmd_place, "plan placements offline (no service needed)")
+    p.add_argument("--config", required=True, help="CLUSTER.yaml")
+    p.add_argument("--instances", required=True, help="INSTANCES.yaml (a list under `instances:`)")
+    p.add_argument("--placement", help="explicit placements: a:jetson,b:rpi1")
+    p.add_argument("--json", action="store_true")
     p = add("req", cmd_req, "send a raw request, like `nats req SUBJECT JSON`")
     p.add_argument("subject")
     p.add_argument("payload", nargs="?", default="{}")

@@ -50,24 +50,40 @@ class InstancesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     instances: list[InstanceSpecFile]
 
 
+_NESTED = {"nodes": NodeConfig, "instances": InstanceSpecFile, "cluster": ClusterMeta}
+
+
 def _problems(node: Any, typ: type, path: str = "") -> list[str]:
-    """Every validation problem, not just the first: validate each list item on its own."""
+    """Every problem, not just msgspec's first: each key of each mapping is checked on its own."""
     try:
         msgspec.convert(node, typ)
         return []
     except msgspec.ValidationError as exc:
         first = str(exc)
-    fields = getattr(typ, "__struct_fields__", ())
-    nested = {"nodes": NodeConfig, "instances": InstanceSpecFile, "cluster": ClusterMeta}
+    if not isinstance(node, dict) or not hasattr(typ, "__struct_fields__"):
+        return [_with_path(first, path)]
     problems: list[str] = []
-    if isinstance(node, dict):
-        for key, sub_type in nested.items():
-            if key in fields and isinstance(node.get(key), list):
-                for i, item in enumerate(node[key]):
-                    problems += _problems(item, sub_type, f"{path}{key}[{i}].")
-    if not problems:
-        problems.append(_with_path(first, path))
-    return problems
+    fields = {f.encode_name: f for f in msgspec.structs.fields(typ)}
+    for key in node:
+        if key not in fields:
+            problems.append(f"{path}{key}: unknown key")
+    for name, info in fields.items():
+        if name not in node:
+            if info.required:
+                problems.append(f"{path}{name}: required key is missing")
+            continue
+        sub_type = _NESTED.get(name)
+        if sub_type is not None and isinstance(node[name], list):
+            for i, item in enumerate(node[name]):
+                problems += _problems(item, sub_type, f"{path}{name}[{i}].")
+        elif sub_type is not None and isinstance(node[name], dict):
+            problems += _problems(node[name], sub_type, f"{path}{name}.")
+        if sub_type is None or not problems:
+            try:
+                msgspec.convert(node[name], info.type)
+            except msgspec.ValidationError as exc:
+                problems.append(_with_path(str(exc), f"{path}{name}"))
+    return problems or [_with_path(first, path)]
 
 
 _KINDS = {"`float`": "a number", "`int`": "an integer", "`str`": "a string", "`bool`": "true or false",
@@ -86,6 +102,8 @@ def _with_path(message: str, prefix: str) -> str:
         text = "required key is missing"
     for kind, words in _KINDS.items():
         text = text.replace(kind, words)
+    if prefix and not prefix.endswith(".") and field:
+        prefix += "" if field.startswith("[") else "."
     location = f"{prefix}{field}" if field else prefix.rstrip(".") or "$"
     return f"{location}: {text[0].lower()}{text[1:]}"
 
