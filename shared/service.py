@@ -111,6 +111,9 @@ class MagiService:
             prefix, _, verb = ep.subject.rpartition(".")
             group = groups.setdefault(prefix, self._service.add_group(name=prefix))
             await group.add_endpoint(name=verb.replace("*", "any"), subject=verb, handler=self._dispatcher(ep))
+        # nats-py writes flush()'s PING ahead of SUBs still queued; after one round trip those SUBs
+        # have gone out, so the second flush returns only once the server holds every endpoint.
+        await self.nc.flush()
         await self.nc.flush()
         log.info("service ready", extra={"service": self.name, "endpoints": [e.subject for e in self._endpoints]})
 

@@ -1,5 +1,5 @@
-from services.agent.service import build
+from services.agent.service import NAME, build
 from shared.runner import run_service
 
 if __name__ == "__main__":
-    run_service("magi-agent", build)
+    run_service(NAME, build)

@@ -1,5 +1,5 @@
-from services.scheduler.service import build
+from services.scheduler.service import NAME, build
 from shared.runner import run_service
 
 if __name__ == "__main__":
-    run_service("magi-scheduler", build)
+    run_service(NAME, build)

@@ -1,0 +1,250 @@
+"""Node agent and scheduler in-process against a real nats-server and redis-server on free ports."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgspec
+import nats
+from nats.errors import NoRespondersError
+import psutil
+import pytest
+import redis.asyncio as aioredis
+from nats.micro.request import ERROR_CODE_HEADER
+
+from protos.node import ClusterReport, Heartbeat, NodesReply
+from services.agent import service as agent_service
+from services.scheduler import service as scheduler_service
+from services.scheduler.state import NODES_KEY
+from shared.config import Settings
+from shared.procs import free_port, wait_tcp
+
+pytestmark = pytest.mark.integration
+
+NODE = "testnode"
+HEARTBEAT_S = 0.2
+BIN = Path(sys.executable).parent
+
+
+def _server(argv: list[str], port: int, log: Path):
+    out = log.open("wb")
+    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        wait_tcp(port, 15, proc, log)
+    except BaseException:
+        proc.kill()
+        proc.wait()
+        out.close()
+        raise
+    return proc, out
+
+
+def _stop(proc: subprocess.Popen, out) -> None:
+    proc.terminate()
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+    out.close()
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("agent-sched")
+    nats_port, redis_port = free_port(), free_port()
+    started = []
+    try:
+        started.append(_server([str(BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)],
+                               nats_port, tmp / "nats.log"))
+        started.append(_server([str(BIN / "redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
+                                "--save", "", "--dir", str(tmp), "--daemonize", "no"], redis_port, tmp / "redis.log"))
+        yield Settings(nats_url=f"nats://127.0.0.1:{nats_port}", redis_url=f"redis://127.0.0.1:{redis_port}/0",
+                       home=str(tmp / "home"), node_name=NODE, heartbeat_s=HEARTBEAT_S)
+    finally:
+        for proc, out in reversed(started):
+            _stop(proc, out)
+
+
+@pytest.fixture
+async def rds(servers):
+    client = aioredis.from_url(servers.redis_url)
+    await client.flushdb()  # every test starts from an empty registry
+    try:
+        yield client
+    finally:
+        await client.aclose()
+
+
+@pytest.fixture
+async def nc(servers):
+    client = await nats.connect(servers.nats_url)
+    try:
+        yield client
+    finally:
+        await client.close()
+
+
+class Running:
+    """Services started in-process the way `run_service` does: build(), then start(); stop() undoes both."""
+
+    def __init__(self) -> None:
+        self.stops: dict[str, object] = {}
+
+    async def start(self, name: str, module, settings: Settings) -> None:
+        service, cleanup = await module.build(settings)
+        await service.start()
+
+        async def stop() -> None:
+            await service.close()
+            await cleanup()
+
+        self.stops[name] = stop
+
+    async def stop(self, name: str) -> None:
+        await self.stops.pop(name)()
+
+    async def stop_all(self) -> None:
+        for name in list(self.stops):
+            await self.stop(name)
+
+
+@pytest.fixture
+async def running(servers, rds):
+    services = Running()
+    try:
+        yield services
+    finally:
+        await services.stop_all()
+
+
+async def _request(nc, subject: str, payload: bytes = b"{}"):
+    """A request that waits out a just-started service's subscriptions reaching the server.
+
+    nats-py 2.16's flush() writes its PING straight to the socket, ahead of SUBs still queued for the
+    flusher task, so MagiService.start() can return a moment before its endpoints exist on the server.
+    """
+    deadline = time.monotonic() + 2.0
+    while True:
+        try:
+            return await nc.request(subject, payload, timeout=5)
+        except NoRespondersError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(0.01)
+
+
+async def _nodes(nc) -> dict[str, object]:
+    msg = await _request(nc, "magi.sched.nodes")
+    return {n.name: n for n in msgspec.json.decode(msg.data, type=NodesReply).nodes}
+
+
+async def _until(probe, timeout: float = 10.0, step: float = 0.05):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = await probe()
+        if value or time.monotonic() > deadline:
+            return value
+        await asyncio.sleep(step)
+
+
+async def _wait_status(nc, status: str, timeout: float = 10.0):
+    async def probe():
+        node = (await _nodes(nc)).get(NODE)
+        return node if node is not None and node.status == status else None
+
+    return await _until(probe, timeout)
+
+
+def _expected_health(hb: Heartbeat) -> str:
+    # This machine's own RAM or disk may be over 90 %; then the agent says DEGRADED, and so must the scheduler.
+    return "DEGRADED" if hb.ram_percent > 90 or hb.disk_percent > 90 else "HEALTHY"
+
+
+async def _start_both(running: Running, settings: Settings, nc):
+    await running.start("scheduler", scheduler_service, settings)
+    await running.start("agent", agent_service, settings)
+    info = await _request(nc, f"magi.node.{NODE}.info", b"")
+    expected = _expected_health(msgspec.json.decode(info.data, type=Heartbeat))
+    node = await _wait_status(nc, expected)
+    assert node is not None, f"{NODE} never became {expected}: {await _nodes(nc)}"
+    return node
+
+
+async def test_heartbeats_reach_the_scheduler_with_real_figures(servers, running, nc, rds):
+    node = await _start_both(running, servers, nc)
+    hb = node.heartbeat
+    real_total = psutil.virtual_memory().total / 1024**3
+    assert hb.ram_total_gb == pytest.approx(real_total, abs=0.01)
+    assert 0 < hb.ram_used_gb <= hb.ram_total_gb and hb.cpu_count == psutil.cpu_count()
+    assert hb.disk_total_gb > 0 and hb.seq >= 1 and 0 <= node.last_seen_s < 3 * HEARTBEAT_S
+
+    info = await _request(nc, f"magi.node.{NODE}.info")
+    assert msgspec.json.decode(info.data, type=Heartbeat).node == NODE
+
+    stored = await rds.hget(NODES_KEY, NODE)
+    assert stored is not None and msgspec.json.decode(stored, type=Heartbeat).node == NODE
+
+
+async def test_report_has_the_seed_shape(servers, running, nc):
+    await _start_both(running, servers, nc)
+    msg = await _request(nc, "magi.sched.report", b"")
+    raw = json.loads(msg.data)
+    assert set(raw) == {"timestamp", "total_nodes", "total_instances", "nodes", "warnings"}
+    assert set(raw["nodes"][0]) == {"name", "status", "instances", "max_instances", "ram_allocated_gb",
+                                    "ram_total_gb", "ram_utilization_percent", "gpu"}
+    report = msgspec.json.decode(msg.data, type=ClusterReport)
+    [node] = report.nodes
+    assert (report.total_nodes, report.total_instances, node.name, node.max_instances) == (1, 0, NODE, 4)
+    assert node.status in ("healthy", "degraded") and node.ram_total_gb > 0
+    assert node.ram_utilization_percent == round(100 * node.ram_allocated_gb / node.ram_total_gb, 2)
+
+
+async def test_a_stopped_agent_becomes_unavailable_within_a_second(servers, running, nc):
+    await _start_both(running, servers, nc)
+    await running.stop("agent")
+    stopped = time.monotonic()
+    node = await _wait_status(nc, "UNAVAILABLE", timeout=3.0)
+    assert node is not None, await _nodes(nc)
+    assert time.monotonic() - stopped < 1.5  # 3 x 0.2 s of silence, plus polling and a loaded machine
+    report = msgspec.json.decode((await _request(nc, "magi.sched.report")).data, type=ClusterReport)
+    assert report.nodes[0].status == "unavailable"
+    assert any(w.startswith(f"node {NODE} is unavailable (last seen ") for w in report.warnings)
+
+
+async def test_a_restarted_scheduler_lists_known_nodes_as_unavailable(servers, running, nc):
+    await _start_both(running, servers, nc)
+    await running.stop("agent")
+    await running.stop("scheduler")
+    await running.start("scheduler", scheduler_service, servers)
+    node = (await _nodes(nc))[NODE]
+    assert (node.status, node.last_seen_s) == ("UNAVAILABLE", None)
+
+
+async def test_bad_requests_get_400_and_garbage_heartbeats_are_dropped(servers, running, nc):
+    await _start_both(running, servers, nc)
+    for subject in ("magi.sched.nodes", "magi.sched.report", f"magi.node.{NODE}.info"):
+        msg = await _request(nc, subject, b"{bad")
+        assert msg.headers and msg.headers.get(ERROR_CODE_HEADER) == "400", subject
+        assert json.loads(msg.data)["error"]["field"] == "$"
+
+    spoof = msgspec.json.encode(Heartbeat(node="y", seq=1, sent_at=0.0))
+    for payload in (b"{bad", b"[]", b"", b'{"node": 5}', b"\xff\xfe", spoof):
+        await nc.publish("magi.node.x.heartbeat", payload)
+    await nc.flush()
+    await asyncio.sleep(3 * HEARTBEAT_S)
+    nodes = await _nodes(nc)
+    assert set(nodes) == {NODE} and nodes[NODE].status in ("HEALTHY", "DEGRADED")
+
+
+async def test_an_unsafe_node_name_is_refused_at_start(servers):
+    from shared.errors import BadRequest
+
+    bad = msgspec.structs.replace(servers, node_name="host.example.org")
+    with pytest.raises(BadRequest, match="MAGI_NODE_NAME"):
+        await agent_service.build(bad)
