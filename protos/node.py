@@ -40,9 +40,10 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     disk_total_gb: float = 0.0
     disk_percent: float = 0.0
     gpus: list[GpuInfo] = []
-    instances: list[str] = []
+    instances: list[InstanceStatus] = []
     health: Health = "HEALTHY"
     labels: dict[str, str] = {}
+    interval_s: float = 0.0  # the agent's heartbeat interval; 0: the scheduler's own setting applies
 
 
 class NodeState(msgspec.Struct, kw_only=True):

@@ -78,3 +78,13 @@ class AssignmentsReply(msgspec.Struct, kw_only=True):
     node: str
     epoch: int
     instances: list[InstanceSpec]
+
+
+class PlacementRecord(msgspec.Struct, kw_only=True):
+    """What the scheduler keeps per instance (in Redis): where it runs and since which epoch."""
+
+    spec: InstanceSpec
+    node: str  # "" while pending: its node failed and no other node fits yet
+    epoch: int
+    state: Literal["placed", "pending", "crashloop"] = "placed"
+    reason: str = ""

@@ -29,6 +29,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     models_file: str = ""  # optional YAML model catalogue; empty: the built-in SmolLM2 catalogue
     ray_address: str = ""  # empty: a local Ray confined to loopback
     request_timeout_s: float = 120.0
+    cluster_file: str = ""  # optional cluster YAML: configured capacity overrides what agents report
 
     @property
     def home_path(self) -> Path:
@@ -52,6 +53,7 @@ _ENV = {
     "models_file": "MAGI_MODELS_FILE",
     "ray_address": "MAGI_RAY_ADDRESS",
     "request_timeout_s": "MAGI_REQUEST_TIMEOUT_S",
+    "cluster_file": "MAGI_CLUSTER_FILE",
 }
 
 

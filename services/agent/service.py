@@ -12,9 +12,12 @@ import msgspec
 
 from protos.common import Empty
 from protos.node import Heartbeat
+from protos.sched import AssignmentsReply, AssignmentsRequest
 from services.agent.resources import prime_cpu_percent, sample
+from services.agent.supervisor import Supervisor
+from shared import bus, sdnotify
 from shared.config import Settings
-from shared.errors import BadRequest
+from shared.errors import BadRequest, MagiError
 from shared.service import MagiService, RequestContext
 
 NAME = "magi-agent"
@@ -50,9 +53,35 @@ class Agent:
         self.seq = 0
         self.home = settings.home_path  # resolved once, here, rather than on the loop at every beat
         self._task: asyncio.Task | None = None
+        self.supervisor = Supervisor(node, self.home, self._publish)
+        self.epoch = 0  # newest placement epoch seen: older assignment lists are stale and ignored
+        self._reconciling = asyncio.Lock()
+
+    async def _publish(self, subject: str, data: bytes) -> None:
+        await self.service.nc.publish(subject, data)
 
     async def _sample(self) -> Heartbeat:
-        return await asyncio.to_thread(sample, self.node, self.seq, [], home=self.home)
+        hb = await asyncio.to_thread(sample, self.node, self.seq, [], home=self.home)
+        hb.instances = self.supervisor.statuses()
+        hb.interval_s = self.settings.heartbeat_s
+        return hb
+
+    async def reconcile(self) -> None:
+        """Run exactly what the scheduler assigns here now: this is also the fence after a partition."""
+        async with self._reconciling:
+            try:
+                reply = await bus.request(self.service.nc, "magi.sched.assignments", AssignmentsRequest(node=self.node),
+                                          AssignmentsReply, timeout=max(self.settings.heartbeat_s, 0.5))
+            except MagiError as exc:  # no scheduler: keep running what we have
+                log.debug("no assignments", extra={"node": self.node, "error": exc.message})
+                return
+            if reply.epoch < self.epoch:
+                return
+            self.epoch = reply.epoch
+            await self.supervisor.reconcile(reply.instances, reply.epoch)
+
+    async def on_nudge(self, msg) -> None:
+        await self.reconcile()
 
     async def beat(self) -> Heartbeat:
         self.seq += 1
@@ -69,6 +98,8 @@ class Agent:
         while True:
             try:
                 await self.beat()
+                await self.reconcile()
+                sdnotify.notify("WATCHDOG=1")
             except Exception as exc:  # a failed sample or publish must not end the heartbeats
                 log.warning("heartbeat failed", extra={"node": self.node, "error": f"{type(exc).__name__}: {exc}"})
             # A fixed cadence: slow sampling does not stretch the interval the scheduler expects.
@@ -79,15 +110,19 @@ class Agent:
         # Before the first beat, a fresh sample (not published: the heartbeat stream stays the loop's).
         return self.latest or await self._sample()
 
-    def start(self) -> None:
+    async def start(self) -> None:
+        await self.service.nc.subscribe(f"magi.node.{self.node}.reconcile", cb=self.on_nudge)
         self._task = asyncio.create_task(self.run(), name=f"heartbeat-{self.node}")
+        sdnotify.notify("READY=1")
 
     async def close(self) -> None:
+        sdnotify.notify("STOPPING=1")
         if self._task is not None:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
             self._task = None
+        await self.supervisor.stop_all()
 
 
 async def build(settings: Settings):
@@ -96,6 +131,6 @@ async def build(settings: Settings):
     agent = Agent(service, node, settings)
     service.endpoint(f"magi.node.{node}.info", Empty, agent.info)
     await service.connect()
-    agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
+    await agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
     log.info("agent started", extra={"node": node, "interval_s": settings.heartbeat_s})
     return service, agent.close

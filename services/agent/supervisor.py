@@ -9,6 +9,7 @@ after CRASHLOOP_FAILURES failures inside CRASHLOOP_WINDOW_S, left stopped and re
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import logging
 import os
 import signal
@@ -87,7 +88,8 @@ class Supervisor:
         try:
             inst.proc = await asyncio.create_subprocess_exec(
                 *spec.command, env=env, cwd=spec.cwd or None, stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
+                preexec_fn=_die_with_agent)
         except OSError as exc:
             log.warning("instance failed to start", extra={"instance": spec.instance_id, "error": str(exc)})
             inst.exit_code = 127
@@ -152,6 +154,21 @@ class Supervisor:
     async def stop_all(self) -> None:
         for instance_id in list(self.instances):
             await self.stop(instance_id)
+
+
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_agent() -> None:
+    """In the child before exec: if the agent dies (kill -9 included), the kernel kills the instance.
+
+    Otherwise a dead agent would leave an orphan running while the scheduler starts a second copy
+    elsewhere. (Under systemd, KillMode=control-group does the same for the whole unit.)
+    """
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)
+    except (OSError, AttributeError):
+        pass
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from datetime import datetime, timezone
 
 from protos.node import ClusterReport, Health, Heartbeat, NodeReport, NodeState
+from services.scheduler.cluster import NodeConfig
 
 MISSED_BEATS = 3
 DEFAULT_MAX_INSTANCES = 4
@@ -39,33 +40,33 @@ def max_instances(hb: Heartbeat) -> int:
     return value if value >= 0 else DEFAULT_MAX_INSTANCES
 
 
-def node_report(st: NodeState) -> NodeReport:
-    hb = st.heartbeat
-    util = round(100.0 * hb.ram_used_gb / hb.ram_total_gb, 2) if hb.ram_total_gb > 0 else 0.0
+def node_report(node: NodeConfig, st: NodeState | None, count: int, ram_allocated: float) -> NodeReport:
+    util = round(100.0 * ram_allocated / node.ram_gb, 2) if node.ram_gb > 0 else 0.0
     return NodeReport(
-        name=st.name, status=st.status.lower(), instances=len(hb.instances), max_instances=max_instances(hb),
-        ram_allocated_gb=hb.ram_used_gb, ram_total_gb=hb.ram_total_gb, ram_utilization_percent=util,
-        gpu=bool(hb.gpus),
+        name=node.name, status=(st.status if st else "UNAVAILABLE").lower(), instances=count,
+        max_instances=node.max_instances, ram_allocated_gb=round(ram_allocated, 3), ram_total_gb=node.ram_gb,
+        ram_utilization_percent=util, gpu=node.gpu,
     )
 
 
-def node_warnings(st: NodeState) -> list[str]:
-    if st.status == "UNAVAILABLE":
-        seen = "not heard from since the scheduler started" if st.last_seen_s is None else \
+def node_warnings(name: str, st: NodeState | None) -> list[str]:
+    if st is None or st.status == "UNAVAILABLE":
+        seen = "not heard from since the scheduler started" if st is None or st.last_seen_s is None else \
             f"last seen {st.last_seen_s:.1f} s ago"
-        return [f"node {st.name} is unavailable ({seen})"]  # its figures are stale: no resource warnings
+        return [f"node {name} is unavailable ({seen})"]  # its figures are stale: no resource warnings
     hb, warnings = st.heartbeat, []
     if hb.ram_percent > WARN_PERCENT:
-        warnings.append(f"node {st.name} RAM at {hb.ram_percent:.1f} %")
+        warnings.append(f"node {name} RAM at {hb.ram_percent:.1f} %")
     if hb.disk_percent > WARN_PERCENT:
-        warnings.append(f"node {st.name} disk at {hb.disk_percent:.1f} %")
+        warnings.append(f"node {name} disk at {hb.disk_percent:.1f} %")
     return warnings
 
 
-def build_report(states: list[NodeState], when: datetime | None = None) -> ClusterReport:
-    nodes = [node_report(st) for st in states]
-    warnings = [w for st in states for w in node_warnings(st)]
+def build_report(nodes: list[NodeConfig], states: dict[str, NodeState], allocated: dict[str, tuple[int, float]],
+                 extra_warnings: list[str] = (), when: datetime | None = None) -> ClusterReport:
+    reports = [node_report(n, states.get(n.name), *allocated.get(n.name, (0, 0.0))) for n in nodes]
+    warnings = [w for n in nodes for w in node_warnings(n.name, states.get(n.name))] + list(extra_warnings)
     return ClusterReport(
         timestamp=(when or datetime.now(timezone.utc)).isoformat(timespec="seconds"),
-        total_nodes=len(nodes), total_instances=sum(n.instances for n in nodes), nodes=nodes, warnings=warnings,
+        total_nodes=len(reports), total_instances=sum(r.instances for r in reports), nodes=reports, warnings=warnings,
     )

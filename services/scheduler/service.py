@@ -1,21 +1,29 @@
-"""`magi.sched.nodes` / `magi.sched.report`, fed by every agent's heartbeat."""
+"""`magi.sched.*`: nodes, report, place, release, drain, assignments; failover in the background."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import re
 
 import msgspec
+import redis.asyncio as redis
 from nats.aio.msg import Msg
 
 from protos.common import Empty
 from protos.node import ClusterReport, Heartbeat, NodesReply
+from protos.sched import (AssignmentsReply, AssignmentsRequest, DrainReply, DrainRequest, PlaceReply, PlaceRequest,
+                          ReleaseReply, ReleaseRequest)
+from services.scheduler.cluster import load_cluster
+from services.scheduler.core import SchedulerCore, report
+from services.scheduler.placements import PlacementStore
 from services.scheduler.state import NodeRegistry
 from shared.config import Settings
 from shared.service import MagiService, RequestContext
 
 NAME = "magi-scheduler"
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 HEARTBEATS = "magi.node.*.heartbeat"
 log = logging.getLogger("magi.scheduler")
 
@@ -23,9 +31,19 @@ _heartbeat = msgspec.json.Decoder(Heartbeat)
 _NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # the agent's rule: a name is one safe subject token
 
 
+def reconcile_subject(node: str) -> str:
+    return f"magi.node.{node}.reconcile"
+
+
 class SchedulerEndpoints:
-    def __init__(self, registry: NodeRegistry) -> None:
-        self.registry = registry
+    def __init__(self, core: SchedulerCore, service: MagiService) -> None:
+        self.core = core
+        self.service = service
+
+    async def nudge(self, nodes: set[str]) -> None:
+        """Tell agents their assignments changed, so they reconcile now instead of at the next beat."""
+        for node in sorted(n for n in nodes if n):
+            await self.service.nc.publish(reconcile_subject(node), str(self.core.epoch).encode())
 
     async def on_heartbeat(self, msg: Msg) -> None:
         """Record a heartbeat; anything malformed is logged and dropped, never raised into the subscription."""
@@ -39,27 +57,69 @@ class SchedulerEndpoints:
             log.warning("dropped a heartbeat naming another node", extra={"subject": msg.subject, "node": hb.node[:80]})
             return
         try:
-            await self.registry.record(hb)
+            await self.core.registry.record(hb)
+            await self.core.note_instance_states(hb)
         except Exception as exc:  # Redis trouble: liveness is already recorded in memory
             log.warning("could not store heartbeat", extra={"node": hb.node, "error": f"{type(exc).__name__}: {exc}"})
 
     async def nodes(self, req: Empty, ctx: RequestContext) -> NodesReply:
-        return NodesReply(nodes=await self.registry.nodes())
+        return NodesReply(nodes=await self.core.registry.nodes())
 
     async def report(self, req: Empty, ctx: RequestContext) -> ClusterReport:
-        return await self.registry.report()
+        return await report(self.core)
+
+    async def place(self, req: PlaceRequest, ctx: RequestContext) -> PlaceReply:
+        result, epoch, touched = await self.core.place(req.instances, req.placement)
+        await self.nudge(touched)
+        return PlaceReply(placements=result.placements, unplaced=result.unplaced, epoch=epoch)
+
+    async def release(self, req: ReleaseRequest, ctx: RequestContext) -> ReleaseReply:
+        released, unknown, epoch, touched = await self.core.release(req.instance_ids)
+        await self.nudge(touched)
+        return ReleaseReply(released=released, unknown=unknown, epoch=epoch)
+
+    async def drain(self, req: DrainRequest, ctx: RequestContext) -> DrainReply:
+        result, epoch, touched = await self.core.drain(req.node, req.drain)
+        await self.nudge(touched | {req.node})
+        return DrainReply(node=req.node, status="MAINTENANCE" if req.drain else "RELEASED", moved=result.placements,
+                          unplaced=result.unplaced, epoch=epoch)
+
+    async def assignments(self, req: AssignmentsRequest, ctx: RequestContext) -> AssignmentsReply:
+        return self.core.assignments(req.node)
+
+    async def failover_loop(self, interval: float) -> None:
+        while True:
+            await asyncio.sleep(interval / 4)
+            try:
+                dead = await self.core.dead_nodes(interval)
+                _, _, touched = await self.core.evacuate(dead)
+                await self.nudge(touched)
+            except Exception:  # one bad round must not end failover
+                log.exception("failover round failed")
 
 
 async def build(settings: Settings):
+    client = redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = await NodeRegistry.open(settings.redis_url, settings.heartbeat_s)
-    try:
-        service = MagiService(NAME, VERSION, "Node registry and cluster report", settings)
-        endpoints = SchedulerEndpoints(registry)
-        service.endpoint("magi.sched.nodes", Empty, endpoints.nodes)
-        service.endpoint("magi.sched.report", Empty, endpoints.report)
-        nc = await service.connect()
-        await nc.subscribe(HEARTBEATS, cb=endpoints.on_heartbeat)
-    except BaseException:
+    configured = load_cluster(settings.cluster_file).nodes if settings.cluster_file else None
+    core = SchedulerCore(registry, PlacementStore(client), configured)
+    await core.load()
+    service = MagiService(NAME, VERSION, "Node registry, placement and failover", settings)
+    endpoints = SchedulerEndpoints(core, service)
+    for verb, typ, handler in (("nodes", Empty, endpoints.nodes), ("report", Empty, endpoints.report),
+                               ("place", PlaceRequest, endpoints.place), ("release", ReleaseRequest, endpoints.release),
+                               ("drain", DrainRequest, endpoints.drain),
+                               ("assignments", AssignmentsRequest, endpoints.assignments)):
+        service.endpoint(f"magi.sched.{verb}", typ, handler)
+    nc = await service.connect()
+    await nc.subscribe(HEARTBEATS, cb=endpoints.on_heartbeat)
+    failover = asyncio.create_task(endpoints.failover_loop(settings.heartbeat_s))
+
+    async def cleanup() -> None:
+        failover.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await failover
         await registry.close()
-        raise
-    return service, registry.close
+        await client.aclose()
+
+    return service, cleanup

@@ -16,8 +16,8 @@ from urllib.parse import urlparse
 import msgspec
 import redis.asyncio as redis
 
-from protos.node import ClusterReport, Heartbeat, NodeState
-from services.scheduler.health import build_report, node_state
+from protos.node import Heartbeat, NodeState
+from services.scheduler.health import node_state
 from shared.errors import Unavailable
 
 log = logging.getLogger("magi.scheduler.state")
@@ -75,6 +75,12 @@ class NodeRegistry:
         self.heartbeats[hb.node] = hb
         await self.redis.hset(NODES_KEY, hb.node, _encoder.encode(hb))
 
+    async def set_maintenance(self, node: str, on: bool) -> None:
+        if on:
+            await self.redis.sadd(MAINTENANCE_KEY, node)
+        else:
+            await self.redis.srem(MAINTENANCE_KEY, node)
+
     async def maintenance(self) -> set[str]:
         return {_text(m) for m in await self.redis.smembers(MAINTENANCE_KEY)}
 
@@ -82,12 +88,10 @@ class NodeRegistry:
         under_maintenance = await self.maintenance()
         now = self.clock()
         return [
-            node_state(hb, self.last_seen.get(name), now, self.interval, name in under_maintenance)
+            # The agent's own interval when it says one; a slower agent is not judged by a faster clock.
+            node_state(hb, self.last_seen.get(name), now, hb.interval_s or self.interval, name in under_maintenance)
             for name, hb in sorted(self.heartbeats.items())
         ]
-
-    async def report(self) -> ClusterReport:
-        return build_report(await self.nodes())
 
     async def close(self) -> None:
         await self.redis.aclose()

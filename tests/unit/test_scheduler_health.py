@@ -2,7 +2,8 @@ from datetime import datetime, timezone
 
 import pytest
 
-from protos.node import GpuInfo, Heartbeat
+from protos.node import Heartbeat
+from services.scheduler.cluster import NodeConfig
 from services.scheduler.health import build_report, node_state, status_of
 
 pytestmark = pytest.mark.unit
@@ -35,16 +36,17 @@ def test_agent_clock_skew_changes_nothing(skew):
 
 
 def test_report_matches_the_seed_shape():
-    states = [
-        node_state(hb("jetson", instances=["a", "b", "c"], gpus=[GpuInfo(name="Orin", memory_total_gb=64.0)]),
-                   10.0, 10.2, 1.0, False),
-        node_state(hb("rpi1", ram_total_gb=8.0, ram_used_gb=6.0, ram_percent=75.0, labels={"max_instances": "1"}),
-                   None, 10.2, 1.0, False),
-    ]
-    report = build_report(states, when=datetime(2025, 11, 16, 12, tzinfo=timezone.utc))
-    assert report.timestamp.startswith("2025-11-16T12:00:00")
-    assert report.total_nodes == 2 and report.total_instances == 3
-    jetson, rpi = report.nodes
-    assert (jetson.status, jetson.instances, jetson.ram_utilization_percent, jetson.gpu) == ("healthy", 3, 56.25, True)
-    assert (rpi.status, rpi.max_instances, rpi.ram_utilization_percent, rpi.gpu) == ("unavailable", 1, 75.0, False)
-    assert report.warnings == ["node rpi1 is unavailable (not heard from since the scheduler started)"]
+    jetson = NodeConfig(name="jetson", ram_gb=64.0, gpu=True, gpu_memory_gb=64.0, max_instances=4, reserved_ram_gb=8.0)
+    rpi = NodeConfig(name="rpi1", ram_gb=8.0, max_instances=1, reserved_ram_gb=1.0)
+    states = {"jetson": node_state(hb("jetson", ram_percent=95.0), 10.0, 10.2, 1.0, False),
+              "rpi1": node_state(hb("rpi1"), None, 10.2, 1.0, False)}
+    report = build_report([jetson, rpi], states, {"jetson": (3, 36.0), "rpi1": (1, 6.0)}, ["extra"],
+                          when=datetime(2025, 11, 16, 12, tzinfo=timezone.utc))
+    assert report.timestamp == "2025-11-16T12:00:00+00:00"
+    assert report.total_nodes == 2 and report.total_instances == 4
+    j, r = report.nodes
+    assert (j.status, j.instances, j.max_instances, j.ram_allocated_gb, j.ram_total_gb, j.ram_utilization_percent, j.gpu) \
+        == ("healthy", 3, 4, 36.0, 64.0, 56.25, True)
+    assert (r.status, r.instances, r.ram_utilization_percent, r.gpu) == ("unavailable", 1, 75.0, False)
+    assert report.warnings == ["node jetson RAM at 95.0 %",
+                               "node rpi1 is unavailable (not heard from since the scheduler started)", "extra"]

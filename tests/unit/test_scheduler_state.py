@@ -127,35 +127,6 @@ async def test_a_restarted_scheduler_lists_known_nodes_as_unavailable_until_hear
     assert fake.closed
 
 
-async def test_report_numbers_on_hand_made_heartbeats(registry, clock):
-    await registry.record(hb("jetson", instances=["a", "b", "c"], labels={"max_instances": "6"},
-                             gpus=[GpuInfo(name="Orin", memory_total_gb=64.0)]))
-    await registry.record(hb("rpi1", ram_total_gb=8.0, ram_used_gb=7.44, ram_percent=93.12, disk_percent=95.0,
-                             instances=["d"], health="DEGRADED"))
-    await registry.record(hb("gone", ram_total_gb=16.0, ram_used_gb=1.0, ram_percent=99.0))
-    registry.last_seen["gone"] = clock.now - 12.34
-    report = await registry.report()
-    assert report.total_nodes == 3 and report.total_instances == 4
-    gone, jetson, rpi = report.nodes
-    assert (jetson.status, jetson.instances, jetson.max_instances, jetson.gpu) == ("healthy", 3, 6, True)
-    assert (jetson.ram_allocated_gb, jetson.ram_total_gb, jetson.ram_utilization_percent) == (36.0, 64.0, 56.25)
-    assert (rpi.status, rpi.max_instances, rpi.gpu, rpi.ram_utilization_percent) == ("degraded", 4, False, 93.0)
-    assert gone.status == "unavailable"
-    assert report.warnings == [
-        "node gone is unavailable (last seen 12.3 s ago)",  # stale figures: no RAM warning for it
-        "node rpi1 RAM at 93.1 %",
-        "node rpi1 disk at 95.0 %",
-    ]
-    datetime.fromisoformat(report.timestamp)  # ISO 8601
-
-
-def test_report_of_an_empty_cluster_and_a_zero_ram_node():
-    assert build_report([]).total_nodes == 0
-    state = node_state(hb(ram_total_gb=0.0, ram_used_gb=0.0), 1.0, 1.0, INTERVAL, False)
-    report = build_report([state], when=datetime(2025, 11, 16, 12, tzinfo=timezone.utc))
-    assert report.nodes[0].ram_utilization_percent == 0.0 and report.timestamp == "2025-11-16T12:00:00+00:00"
-
-
 @pytest.mark.parametrize("labels, expected", [({}, 4), ({"max_instances": "2"}, 2), ({"max_instances": "x"}, 4),
                                               ({"max_instances": "-1"}, 4)])
 def test_max_instances_label(labels, expected):

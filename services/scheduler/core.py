@@ -1,0 +1,181 @@
+"""The scheduler's decisions: place, release, drain, fail over. One lock serialises every change.
+
+Node capacity comes from the cluster file when one is configured (config values override for
+planning), otherwise from what the node's agent reports. Failover: a node silent for 3 heartbeat
+intervals (by this process's monotonic clock) loses its instances to healthy nodes; a pause shorter
+than that moves nothing. Right after a restart no node is judged until a full grace period has
+passed, so a restarted scheduler never re-places what is running.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+
+from protos.node import Heartbeat, NodeState
+from protos.sched import AssignmentsReply, InstanceSpec, PlacementRecord
+from services.scheduler.cluster import NodeConfig
+from services.scheduler.health import MISSED_BEATS, max_instances
+from services.scheduler.placement import PlacementResult, Weights
+from services.scheduler.placements import PlacementStore
+from services.scheduler.planning import plan
+from services.scheduler.state import NodeRegistry
+from shared.errors import NotFound
+
+log = logging.getLogger("magi.scheduler.core")
+
+PLACEABLE = {"HEALTHY"}
+
+
+def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
+    reserved = float(hb.labels.get("reserved_ram_gb", 0) or 0)
+    return NodeConfig(name=hb.node, host=hb.host or "127.0.0.1", ram_gb=max(hb.ram_total_gb, 0.001),
+                      gpu=bool(hb.gpus), gpu_memory_gb=sum(g.memory_total_gb for g in hb.gpus),
+                      cpu_cores=max(hb.cpu_count, 1), max_instances=max_instances(hb),
+                      reserved_ram_gb=min(reserved, max(hb.ram_total_gb - 0.001, 0.0)))
+
+
+class SchedulerCore:
+    def __init__(self, registry: NodeRegistry, store: PlacementStore, configured: list[NodeConfig] | None = None,
+                 weights: Weights | None = None) -> None:
+        self.registry = registry
+        self.store = store
+        self.configured = {n.name: n for n in configured or []}
+        self.weights = weights
+        self.records: dict[str, PlacementRecord] = {}
+        self.epoch = 0
+        self.lock = asyncio.Lock()
+        self.started = time.monotonic()
+
+    async def load(self) -> None:
+        self.records, self.epoch = await self.store.load()
+        log.info("placements loaded", extra={"instances": len(self.records), "epoch": self.epoch})
+
+    # ---- views -------------------------------------------------------------------------------------
+
+    async def view(self) -> tuple[list[NodeConfig], set[str], list[NodeState]]:
+        states = await self.registry.nodes()
+        nodes = dict(self.configured)
+        for st in states:
+            nodes.setdefault(st.name, node_from_heartbeat(st.heartbeat))
+        status = {st.name: st.status for st in states}
+        unavailable = {name for name in nodes if status.get(name, "UNAVAILABLE") not in PLACEABLE}
+        return list(nodes.values()), unavailable, states
+
+    def running(self, exclude: set[str] = frozenset()) -> dict[str, tuple[InstanceSpec, str]]:
+        return {i: (r.spec, r.node) for i, r in self.records.items() if r.node and i not in exclude}
+
+    def assignments(self, node: str) -> AssignmentsReply:
+        specs = [r.spec for _, r in sorted(self.records.items()) if r.node == node]
+        return AssignmentsReply(node=node, epoch=self.epoch, instances=specs)
+
+    # ---- changes -----------------------------------------------------------------------------------
+
+    async def _commit(self, changed: list[PlacementRecord], deleted: list[str] = ()) -> int:
+        epoch = await self.store.next_epoch()
+        for record in changed:
+            record.epoch = epoch
+        await self.store.save(changed, list(deleted))
+        for record in changed:
+            self.records[record.spec.instance_id] = record
+        for instance_id in deleted:
+            self.records.pop(instance_id, None)
+        self.epoch = epoch
+        return epoch
+
+    async def place(self, specs: list[InstanceSpec], explicit: dict[str, str]) -> tuple[PlacementResult, int, set[str]]:
+        """New instances are placed; ids already placed keep their node (nothing running moves)."""
+        async with self.lock:
+            known = {s.instance_id: self.records[s.instance_id].node for s in specs if s.instance_id in self.records}
+            fresh = [s for s in specs if s.instance_id not in known]
+            nodes, unavailable, _ = await self.view()
+            result = plan(nodes, fresh, explicit={k: v for k, v in explicit.items() if k not in known},
+                          running=self.running(), unavailable=unavailable, weights=self.weights)
+            by_id = {s.instance_id: s for s in fresh}
+            changed = [PlacementRecord(spec=by_id[i], node=n, epoch=0) for i, n in result.placements.items()]
+            epoch = await self._commit(changed) if changed else self.epoch
+            result.placements.update({i: n for i, n in known.items() if n})
+            return result, epoch, {n for n in result.placements.values()}
+
+    async def release(self, instance_ids: list[str]) -> tuple[list[str], list[str], int, set[str]]:
+        async with self.lock:
+            found = [i for i in instance_ids if i in self.records]
+            nodes = {self.records[i].node for i in found}
+            epoch = await self._commit([], found) if found else self.epoch
+            return found, [i for i in instance_ids if i not in found], epoch, nodes
+
+    async def drain(self, node: str, on: bool) -> tuple[PlacementResult, int, set[str]]:
+        nodes, _, _ = await self.view()
+        if node not in {n.name for n in nodes}:
+            raise NotFound(f"unknown node {node!r}", field="node")
+        await self.registry.set_maintenance(node, on)
+        if not on:
+            return PlacementResult(), self.epoch, set()
+        return await self.evacuate({node})
+
+    async def evacuate(self, dead: set[str]) -> tuple[PlacementResult, int, set[str]]:
+        """Re-place what runs on `dead` nodes (and what is pending); crash-looping instances stay put."""
+        async with self.lock:
+            victims = [r for r in self.records.values()
+                       if (r.node in dead or r.state == "pending") and r.state != "crashloop"]
+            if not victims:
+                return PlacementResult(), self.epoch, set()
+            nodes, unavailable, _ = await self.view()
+            moving = {r.spec.instance_id for r in victims}
+            result = plan(nodes, [r.spec for r in victims], running=self.running(exclude=moving),
+                          unavailable=unavailable | dead, weights=self.weights)
+            changed = [PlacementRecord(spec=r.spec, node=result.placements.get(r.spec.instance_id, ""), epoch=0,
+                                       state="placed" if r.spec.instance_id in result.placements else "pending",
+                                       reason=result.unplaced.get(r.spec.instance_id, ""))
+                       for r in victims]
+            changed = [c for c in changed if (c.node, c.state, c.reason) != _key(self.records[c.spec.instance_id])]
+            if not changed:
+                return result, self.epoch, set()
+            touched = {c.node for c in changed} | {self.records[c.spec.instance_id].node for c in changed}
+            epoch = await self._commit(changed)
+            log.info("failover", extra={"moved": result.placements, "pending": sorted(result.unplaced), "epoch": epoch})
+            return result, epoch, touched - {""}
+
+    async def dead_nodes(self, interval: float) -> set[str]:
+        """Nodes to evacuate: silent past the grace period, or in maintenance."""
+        grace = MISSED_BEATS * interval
+        if time.monotonic() - self.started <= grace:
+            return set()  # just restarted: give every agent a chance to be heard first
+        states = await self.registry.nodes()
+        return {st.name for st in states if st.status in ("UNAVAILABLE", "MAINTENANCE")}
+
+    async def note_instance_states(self, hb: Heartbeat) -> None:
+        """Mark instances the agent reports as crash-looping, so failover leaves them alone."""
+        looping = {s.instance_id for s in hb.instances if s.state == "crashloop"}
+        changed = []
+        for instance_id in looping:
+            record = self.records.get(instance_id)
+            if record is not None and record.node == hb.node and record.state != "crashloop":
+                changed.append(PlacementRecord(spec=record.spec, node=record.node, epoch=0, state="crashloop",
+                                               reason=f"crash-looping on {hb.node}"))
+        if changed:
+            async with self.lock:
+                await self._commit(changed)
+            log.warning("instances crash-looping", extra={"node": hb.node, "instances": sorted(looping)})
+
+
+async def report(core: "SchedulerCore"):
+    """The seed-002 report: instances and RAM as *allocated by placement*, capacity from the plan."""
+    from services.scheduler.health import build_report
+
+    nodes, _, states = await core.view()
+    status = {st.name: st for st in states}
+    allocated: dict[str, tuple[int, float]] = {}
+    for record in core.records.values():
+        count, ram = allocated.get(record.node, (0, 0.0))
+        allocated[record.node] = (count + 1, ram + record.spec.ram_gb)
+    warnings = [f"instance {r.spec.instance_id} is crash-looping on {r.node}" for r in core.records.values()
+                if r.state == "crashloop"]
+    warnings += [f"instance {r.spec.instance_id} is pending: {r.reason}" for r in core.records.values()
+                 if r.state == "pending"]
+    return build_report(sorted(nodes, key=lambda n: n.name), status, allocated, warnings)
+
+
+def _key(record: PlacementRecord) -> tuple[str, str, str]:
+    return record.node, record.state, record.reason
