@@ -12,7 +12,9 @@ import time
 from pathlib import Path
 
 from benchmarks.bus import measure_hop
+from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
+from benchmarks.sched import measure_placement
 from shared import stack
 from shared.procs import free_port
 from shared.table import render
@@ -44,7 +46,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--home", default=".magi/bench")
     args = parser.parse_args(argv)
     started = time.time()
-    metrics = asyncio.run(_run(Path(args.home).resolve(), args.rounds, args.hop_requests))
+    progress("placement throughput (1,000 simulated nodes)")
+    metrics = measure_placement()
+    progress("failover (kill -9 of an agent)")
+    metrics.update(asyncio.run(measure_failover()))
+    metrics.update(asyncio.run(_run(Path(args.home).resolve(), args.rounds, args.hop_requests)))
     result = {
         "metrics": metrics,
         "meta": {"started": started, "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(),

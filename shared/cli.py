@@ -250,7 +250,8 @@ def cmd_place(args) -> int:
     from services.scheduler.planning import parse_explicit, plan
 
     cluster = load_cluster(args.config)
-    result = plan(cluster.nodes, load_instances(args.instances), explicit=parse_explicit(args.placement or ""))
+    result = plan(cluster.nodes, load_instances(args.instances), explicit=parse_explicit(args.placement or ""),
+                  weights=cluster.placement.weights)
     out = {"placements": result.placements, "unplaced": result.unplaced}
     if args.json:
         print(json.dumps(out, indent=2, sort_keys=True))
@@ -258,6 +259,33 @@ def cmd_place(args) -> int:
         rows = [[i, n] for i, n in sorted(result.placements.items())] + [[i, f"UNPLACED: {r}"] for i, r in sorted(result.unplaced.items())]
         print(render(["instance", "node"], rows))
     return 0 if not result.unplaced else 3
+
+
+def cmd_agent(args) -> int:
+    """Run this machine's node agent in the foreground (systemd runs exactly this)."""
+    import os
+
+    from services.agent.service import build
+    from shared.runner import run_service
+
+    if args.node:
+        os.environ["MAGI_NODE_NAME"] = args.node
+    run_service("magi-agent", build)
+    return 0
+
+
+def cmd_drain(args) -> int:
+    from protos.sched import DrainReply, DrainRequest
+
+    request = DrainRequest(node=args.node, drain=args.command == "drain")
+    reply = asyncio.run(_call("magi.sched.drain", request, DrainReply, 30))
+    if not _emit(reply, args.json):
+        print(f"{reply.node}: {reply.status} (epoch {reply.epoch})")
+        for instance, node in sorted(reply.moved.items()):
+            print(f"  moved {instance} -> {node}")
+        for instance, reason in sorted(reply.unplaced.items()):
+            print(f"  pending {instance}: {reason}")
+    return 0
 
 
 def cmd_demo(args) -> int:
@@ -297,6 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     add("status", cmd_status, "stack processes and the services answering $SRV.PING")
     for name, func, help_ in (("nodes", cmd_nodes, "nodes the scheduler knows"), ("models", cmd_models, "models and replicas")):
         add(name, func, help_).add_argument("--json", action="store_true")
+    add("agent", cmd_agent, "run this node's agent (foreground)").add_argument("--node", help="node name")
+    for verb, help_ in (("drain", "no new placements on NODE; move its instances off"),
+                        ("undrain", "let NODE take placements again")):
+        p = add(verb, cmd_drain, help_)
+        p.add_argument("node")
+        p.add_argument("--json", action="store_true")
     add("validate-config", cmd_validate_config, "check a cluster or instances file; every problem with its path"
         ).add_argument("file")
     p = add("place", cmd_place, "plan placements offline (no service needed)")

@@ -99,9 +99,9 @@ class Agent:
             try:
                 await self.beat()
                 await self.reconcile()
-                sdnotify.notify("WATCHDOG=1")
             except Exception as exc:  # a failed sample or publish must not end the heartbeats
                 log.warning("heartbeat failed", extra={"node": self.node, "error": f"{type(exc).__name__}: {exc}"})
+            sdnotify.notify("WATCHDOG=1")  # the loop is alive; a hung loop stops these and systemd restarts us
             # A fixed cadence: slow sampling does not stretch the interval the scheduler expects.
             next_at = max(next_at + interval, time.monotonic())
             await asyncio.sleep(next_at - time.monotonic())

@@ -37,9 +37,24 @@ class ClusterMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     description: str = ""
 
 
+class ScoreWeights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The soft score's weights (seed 002's defaults; they sum to 100)."""
+
+    resource_efficiency: Gb = 30.0
+    load_balancing: Gb = 20.0
+    gpu_preference: Gb = 15.0
+    affinity: Gb = 25.0
+    preferred_node: Gb = 10.0
+
+
+class PlacementConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    weights: ScoreWeights = msgspec.field(default_factory=ScoreWeights)
+
+
 class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     cluster: ClusterMeta
     nodes: Annotated[list[NodeConfig], msgspec.Meta(min_length=1)]
+    placement: PlacementConfig = msgspec.field(default_factory=PlacementConfig)
 
 
 class InstanceSpecFile(InstanceSpec, kw_only=True, forbid_unknown_fields=True):
@@ -50,7 +65,8 @@ class InstancesFile(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     instances: list[InstanceSpecFile]
 
 
-_NESTED = {"nodes": NodeConfig, "instances": InstanceSpecFile, "cluster": ClusterMeta}
+_NESTED = {"nodes": NodeConfig, "instances": InstanceSpecFile, "cluster": ClusterMeta, "placement": PlacementConfig,
+           "weights": ScoreWeights}
 
 
 def _problems(node: Any, typ: type, path: str = "") -> list[str]:

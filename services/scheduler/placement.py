@@ -12,22 +12,16 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-import msgspec
 import numpy as np
 
 from protos.sched import InstanceSpec
-from services.scheduler.cluster import NodeConfig
+from services.scheduler.cluster import NodeConfig, ScoreWeights
 
 GPU_BONUS_GB = 5.0  # seed 001: "GPU nodes get 5GB bonus"
 EFFICIENT_BAND = (0.30, 0.70)  # seed 002: 30-70 % RAM use after placing is preferred
 
 
-class Weights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
-    resource_efficiency: float = 30.0
-    load_balancing: float = 20.0
-    gpu_preference: float = 15.0
-    affinity: float = 25.0
-    preferred_node: float = 10.0
+Weights = ScoreWeights
 
 
 @dataclass

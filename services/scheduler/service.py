@@ -101,8 +101,9 @@ class SchedulerEndpoints:
 async def build(settings: Settings):
     client = redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = await NodeRegistry.open(settings.redis_url, settings.heartbeat_s)
-    configured = load_cluster(settings.cluster_file).nodes if settings.cluster_file else None
-    core = SchedulerCore(registry, PlacementStore(client), configured)
+    cluster = load_cluster(settings.cluster_file) if settings.cluster_file else None
+    core = SchedulerCore(registry, PlacementStore(client), cluster.nodes if cluster else None,
+                         cluster.placement.weights if cluster else None)
     await core.load()
     service = MagiService(NAME, VERSION, "Node registry, placement and failover", settings)
     endpoints = SchedulerEndpoints(core, service)

@@ -19,6 +19,10 @@ WRONG_TYPES = {
     "magi.consensus.get": (b'{"id": 7}', "id"),
     "magi.sched.nodes": (b'[]', "$"),
     "magi.sched.report": (b'"x"', "$"),
+    "magi.sched.place": (b'{"instances": [{"instance_id": "a", "ram_gb": "big"}]}', "instances[0].ram_gb"),
+    "magi.sched.release": (b'{"instance_ids": 5}', "instance_ids"),
+    "magi.sched.drain": (b'{"node": "no spaces allowed"}', "node"),
+    "magi.sched.assignments": (b'{"node": 7}', "node"),
 }
 MISSING_FIELDS = {
     "magi.mission.run": "prompt",
@@ -26,6 +30,10 @@ MISSING_FIELDS = {
     "magi.memory.upsert": "documents",
     "magi.consensus.decide": "votes",
     "magi.consensus.get": "id",
+    "magi.sched.place": "instances",
+    "magi.sched.release": "instance_ids",
+    "magi.sched.drain": "node",
+    "magi.sched.assignments": "node",
 }
 SERVICES = ["magi-agent", "magi-scheduler", "magi-inference", "magi-memory", "magi-consensus", "magi-orchestrator"]
 
@@ -76,6 +84,17 @@ async def test_unknown_consensus_record_is_404(nc):
 async def test_prompt_or_messages_required(nc):
     code, error = await _error(nc, "magi.infer.generate", b'{"max_tokens": 4}')
     assert code == "400" and error["field"] == "prompt"
+
+
+async def test_explicit_placement_of_an_instance_not_in_the_request(nc):
+    code, error = await _error(nc, "magi.sched.place",
+                               b'{"instances": [{"instance_id": "a", "ram_gb": 1}], "placement": {"b": "testnode"}}')
+    assert code == "400" and error["field"] == "placement"
+
+
+async def test_draining_an_unknown_node_is_404(nc):
+    code, error = await _error(nc, "magi.sched.drain", b'{"node": "no-such-node"}')
+    assert code == "404" and error["field"] == "node"
 
 
 async def test_every_service_still_answers_ping(nc):
