@@ -44,6 +44,10 @@ test *args: setup
 test-unit: setup
     {{bin}}/python -m pytest -m unit
 
+# static checks (pyflakes-level errors, import order)
+lint: setup
+    {{bin}}/ruff check .
+
 # start the local stack in the background
 up: setup
     {{bin}}/magi up

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 import time
 
-from services.scheduler.batch import place_all
 from protos.sched import InstanceSpec
+from services.scheduler.batch import place_all
 from services.scheduler.cluster import NodeConfig
 from services.scheduler.placement import Placer
 

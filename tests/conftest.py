@@ -33,8 +33,14 @@ def magi_settings(magi_stack) -> Settings:
 
 
 @pytest.fixture
-async def nc(magi_stack):
-    client = await nats.connect(magi_stack.nats_url)
+def nats_url(magi_stack) -> str:
+    """The bus `nc` connects to; a module with servers of its own overrides this."""
+    return magi_stack.nats_url
+
+
+@pytest.fixture
+async def nc(nats_url):
+    client = await nats.connect(nats_url)
     try:
         yield client
     finally:

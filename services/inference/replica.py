@@ -9,9 +9,9 @@ import os
 import socket
 from dataclasses import asdict
 
-import services.inference.ray_runtime  # noqa: F401  (confines Ray to loopback before import)
 import ray
 
+import services.inference.ray_runtime  # noqa: F401  (confines Ray to loopback before import)
 from services.inference.engine import GenerateParams, LlamaCppEngine
 
 

@@ -9,7 +9,7 @@ from itertools import groupby
 import numpy as np
 
 from protos.sched import InstanceSpec
-from services.scheduler.placement import Placer, PlacementResult
+from services.scheduler.placement import PlacementResult, Placer
 
 SEARCH_MAX_INSTANCES = 16  # above this, greedy alone (a full search is exponential)
 SEARCH_BUDGET = 20_000  # node visits per search

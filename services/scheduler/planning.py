@@ -5,7 +5,7 @@ from __future__ import annotations
 from protos.sched import InstanceSpec
 from services.scheduler.batch import place_all
 from services.scheduler.cluster import NodeConfig
-from services.scheduler.placement import Placer, PlacementResult, Weights
+from services.scheduler.placement import PlacementResult, Placer, Weights
 from shared.errors import BadRequest
 
 

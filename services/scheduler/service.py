@@ -13,8 +13,16 @@ from nats.aio.msg import Msg
 
 from protos.common import Empty
 from protos.node import ClusterReport, Heartbeat, NodesReply
-from protos.sched import (AssignmentsReply, AssignmentsRequest, DrainReply, DrainRequest, PlaceReply, PlaceRequest,
-                          ReleaseReply, ReleaseRequest)
+from protos.sched import (
+    AssignmentsReply,
+    AssignmentsRequest,
+    DrainReply,
+    DrainRequest,
+    PlaceReply,
+    PlaceRequest,
+    ReleaseReply,
+    ReleaseRequest,
+)
 from services.scheduler.cluster import load_cluster
 from services.scheduler.core import SchedulerCore, report
 from services.scheduler.placements import PlacementStore

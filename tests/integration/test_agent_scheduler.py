@@ -4,25 +4,24 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import msgspec
-import nats
-from nats.errors import NoRespondersError
 import psutil
 import pytest
 import redis.asyncio as aioredis
+from nats.errors import NoRespondersError
 from nats.micro.request import ERROR_CODE_HEADER
 
 from protos.node import ClusterReport, Heartbeat, NodesReply
 from services.agent import service as agent_service
 from services.scheduler import service as scheduler_service
 from services.scheduler.state import NODES_KEY
+from shared import stack
 from shared.config import Settings
-from shared.procs import free_port, wait_tcp
+from shared.procs import free_port
 
 pytestmark = pytest.mark.integration
 
@@ -31,44 +30,17 @@ HEARTBEAT_S = 0.2
 BIN = Path(sys.executable).parent
 
 
-def _server(argv: list[str], port: int, log: Path):
-    out = log.open("wb")
-    proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT)
-    try:
-        wait_tcp(port, 15, proc, log)
-    except BaseException:
-        proc.kill()
-        proc.wait()
-        out.close()
-        raise
-    return proc, out
-
-
-def _stop(proc: subprocess.Popen, out) -> None:
-    proc.terminate()
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait()
-    out.close()
-
-
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
+    """NATS and Redis from the local stack's own code, with no MAGI service: they run in-process here."""
     tmp = tmp_path_factory.mktemp("agent-sched")
-    nats_port, redis_port = free_port(), free_port()
-    started = []
+    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=())
+    state = asyncio.run(stack.up(cfg))
     try:
-        started.append(_server([str(BIN / "nats-server"), "-a", "127.0.0.1", "-p", str(nats_port)],
-                               nats_port, tmp / "nats.log"))
-        started.append(_server([str(BIN / "redis-server"), "--port", str(redis_port), "--bind", "127.0.0.1",
-                                "--save", "", "--dir", str(tmp), "--daemonize", "no"], redis_port, tmp / "redis.log"))
-        yield Settings(nats_url=f"nats://127.0.0.1:{nats_port}", redis_url=f"redis://127.0.0.1:{redis_port}/0",
-                       home=str(tmp / "home"), node_name=NODE, heartbeat_s=HEARTBEAT_S)
+        yield Settings(nats_url=state.nats_url, redis_url=state.redis_url, home=str(tmp / "home"), node_name=NODE,
+                       heartbeat_s=HEARTBEAT_S)
     finally:
-        for proc, out in reversed(started):
-            _stop(proc, out)
+        stack.down(tmp)
 
 
 @pytest.fixture
@@ -82,12 +54,8 @@ async def rds(servers):
 
 
 @pytest.fixture
-async def nc(servers):
-    client = await nats.connect(servers.nats_url)
-    try:
-        yield client
-    finally:
-        await client.close()
+def nats_url(servers) -> str:
+    return servers.nats_url
 
 
 class Running:

@@ -6,8 +6,8 @@ import sys
 import psutil
 import pytest
 
-from services.agent import supervisor as sup
 from protos.sched import InstanceSpec
+from services.agent import supervisor as sup
 
 pytestmark = pytest.mark.integration
 

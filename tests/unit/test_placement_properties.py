@@ -6,8 +6,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.scheduler.batch import place_all
 from protos.sched import InstanceSpec
+from services.scheduler.batch import place_all
 from services.scheduler.cluster import NodeConfig
 from services.scheduler.placement import Placer
 

@@ -2,9 +2,9 @@
 
 import pytest
 
+from protos.sched import InstanceSpec
 from services.scheduler import batch
 from services.scheduler.batch import place_all
-from protos.sched import InstanceSpec
 from services.scheduler.cluster import NodeConfig
 from services.scheduler.placement import Placer, coordinator_score_mb
 

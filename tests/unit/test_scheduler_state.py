@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timezone
 from pathlib import Path
 
 import msgspec
 import pytest
 
-from protos.node import GpuInfo, Heartbeat
+from protos.node import Heartbeat
 from services.agent.resources import disk_anchor, labels_from_env, sample
-from services.scheduler.health import build_report, max_instances, node_state
+from services.scheduler.health import max_instances
 from services.scheduler.state import MAINTENANCE_KEY, NODES_KEY, NodeRegistry
 
 pytestmark = pytest.mark.unit
