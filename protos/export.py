@@ -13,6 +13,8 @@ from protos import common, consensus, infer, memory, mission, node, sched
 SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.mission.run": (mission.MissionRequest, mission.MissionReply),
     "magi.infer.generate": (infer.GenerateRequest, infer.GenerateReply),
+    "magi.infer.cancel": (infer.CancelRequest, infer.CancelReply),
+    "magi.infer.generate.stream": (infer.StreamChunk, None),  # each chunk of a streamed generation
     "magi.infer.embed": (infer.EmbedRequest, infer.EmbedReply),
     "magi.infer.models": (common.Empty, infer.ModelsReply),
     "magi.memory.upsert": (memory.UpsertRequest, memory.UpsertReply),

@@ -27,6 +27,12 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     stop: list[str] = []
     seed: int | None = None
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0  # generation is aborted after this
+    # Streaming: tokens go out as `StreamChunk` messages (header `Magi-Stream: chunk`) to `stream_subject`
+    # when given, else to the request's own reply inbox; the final message is the `GenerateReply`.
+    stream: bool = False
+    stream_subject: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_$.-]*$", max_length=256)] = ""
+    # A caller-chosen id that `magi.infer.cancel` can name; the service makes one up when empty.
+    request_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]*$", max_length=128)] = ""
 
 
 class GenerateReply(msgspec.Struct, kw_only=True):
@@ -37,6 +43,28 @@ class GenerateReply(msgspec.Struct, kw_only=True):
     usage: Usage
     latency_ms: float
     finish_reason: str = ""
+    request_id: str = ""
+    attempts: int = 1  # 2 when the first replica died mid-generation and another one finished it
+
+
+class StreamChunk(msgspec.Struct, kw_only=True):
+    """One piece of a streamed generation; `seq` counts chunks from 0 so a gap or repeat shows."""
+
+    request_id: str
+    seq: int
+    text: str
+    replica: str = ""
+
+
+class CancelRequest(msgspec.Struct, kw_only=True):
+    """`magi.infer.cancel`: stop the generation with this `request_id` (streamed or not)."""
+
+    request_id: Annotated[str, msgspec.Meta(min_length=1, max_length=128)]
+
+
+class CancelReply(msgspec.Struct, kw_only=True):
+    request_id: str
+    cancelled: bool  # false: no generation with that id is running here
 
 
 class EmbedRequest(msgspec.Struct, kw_only=True):
@@ -57,10 +85,14 @@ class EmbedReply(msgspec.Struct, kw_only=True):
 class ReplicaInfo(msgspec.Struct, kw_only=True):
     replica: str
     node: str
-    state: Literal["starting", "ready", "failed"]
+    state: Literal["starting", "ready", "restarting", "failed"]
     in_flight: int = 0
     served: int = 0
     tokens_per_s: float = 0.0
+    pid: int = 0  # the replica's process on its node
+    restarts: int = 0
+    utilisation: float = 0.0  # share of the time since it became ready spent generating
+    shards: list[str] = []  # llama.cpp RPC endpoints this replica's layers are spread over
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -71,6 +103,7 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     n_ctx: int
     threads: int
     replicas: list[ReplicaInfo] = []
+    queued: int = 0  # requests waiting for a free replica
 
 
 class ModelsReply(msgspec.Struct, kw_only=True):

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TypeVar
+from typing import AsyncIterator, TypeVar
 
 import msgspec
 import nats
@@ -44,3 +44,36 @@ async def request(nc: Client, subject: str, payload: msgspec.Struct | dict | byt
     if ERROR_CODE_HEADER in headers:
         raise errors.from_reply(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""), msg.data)
     return _decoder(reply_type).decode(msg.data)
+
+
+STREAM_HEADER = "Magi-Stream"
+
+
+async def stream_request(nc: Client, subject: str, payload: msgspec.Struct | dict, chunk_type: type, reply_type: type[T],
+                         *, timeout: float) -> AsyncIterator[object]:
+    """Send a streamed request and yield each chunk (`chunk_type`) as it comes, then the final reply.
+
+    `timeout` bounds the wait for each next message, not the whole stream. Leaving the loop early
+    unsubscribes, which the service notices (no responders) and stops generating.
+    """
+    inbox = nc.new_inbox()
+    sub = await nc.subscribe(inbox)
+    try:
+        await nc.publish(subject, _encoder.encode(payload), reply=inbox, headers=inject_headers())
+        while True:
+            try:
+                msg = await sub.next_msg(timeout=timeout)
+            except Exception as exc:
+                raise errors.translate(exc) from None
+            headers = msg.headers or {}
+            if headers.get("Status") == "503":
+                raise errors.Unavailable("no service is answering on that subject")
+            if ERROR_CODE_HEADER in headers:
+                raise errors.from_reply(headers[ERROR_CODE_HEADER], headers.get(ERROR_HEADER, ""), msg.data)
+            if headers.get(STREAM_HEADER) == "chunk":
+                yield _decoder(chunk_type).decode(msg.data)
+                continue
+            yield _decoder(reply_type).decode(msg.data)
+            return
+    finally:
+        await sub.unsubscribe()

@@ -100,6 +100,22 @@ async def _call(subject: str, payload, reply_type, timeout: float):
         await nc.close()
 
 
+async def _stream_chat(request):
+    """Print the answer as its tokens arrive; return the final reply (with usage and replica)."""
+    from protos.infer import GenerateReply, StreamChunk
+
+    nc = await bus.connect(load_settings())
+    try:
+        async for item in bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=120):
+            if isinstance(item, StreamChunk):
+                print(item.text, end="", flush=True)
+            else:
+                print()
+                return item
+    finally:
+        await nc.close()
+
+
 async def _raw_request(subject: str, payload: bytes, timeout: float):
     settings = load_settings()
     nc = await bus.connect(settings)
@@ -184,7 +200,7 @@ def cmd_mission(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from protos.infer import ChatMessage, GenerateReply, GenerateRequest
+    from protos.infer import ChatMessage, GenerateRequest
 
     history: list[ChatMessage] = []
     prompts = [args.prompt] if args.prompt else None
@@ -193,10 +209,10 @@ def cmd_chat(args) -> int:
         if not text:
             return 0
         history.append(ChatMessage(role="user", content=text))
-        request = GenerateRequest(model=args.model, role=args.role, messages=history, max_tokens=args.max_tokens)
-        reply = asyncio.run(_call("magi.infer.generate", request, GenerateReply, 120))
+        request = GenerateRequest(model=args.model, role=args.role, messages=history, max_tokens=args.max_tokens,
+                                  stream=True)
+        reply = asyncio.run(_stream_chat(request))
         history.append(ChatMessage(role="assistant", content=reply.text))
-        print(reply.text)
         print(f"  [{reply.replica} on {reply.node}, {reply.usage.completion_tokens} tokens, {reply.latency_ms:.0f} ms]",
               file=sys.stderr)
 

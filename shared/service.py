@@ -42,6 +42,7 @@ class RequestContext:
     subject: str
     headers: dict[str, str]
     received: float = field(default_factory=time.monotonic)
+    reply: str = ""  # the caller's inbox, for endpoints that send several messages (streams)
 
 
 @dataclass
@@ -164,7 +165,9 @@ class MagiService:
                 field="$",
             )
         payload = ep.decoder.decode(data if data.strip() else b"{}")
-        return await ep.handler(payload, RequestContext(subject=request.subject, headers=headers))
+        # nats.micro's Request exposes no reply subject; streaming endpoints need the caller's inbox.
+        reply = getattr(getattr(request, "_msg", None), "reply", "") or ""
+        return await ep.handler(payload, RequestContext(subject=request.subject, headers=headers, reply=reply))
 
     async def _fail(self, ep: _Endpoint, request: Request, error: errors.MagiError) -> None:
         ep.counters.errors += 1

@@ -151,6 +151,8 @@ def _service_env(cfg: StackConfig, state: StackState) -> dict[str, str]:
                MAGI_HOME=str(cfg.home), PYTHONUNBUFFERED="1")
     if cfg.node_name:
         env["MAGI_NODE_NAME"] = cfg.node_name
+    # The model replicas are scheduler instances on this node too; leave room for a user's own.
+    env.setdefault("MAGI_NODE_LABELS", "max_instances=16")
     env.update(cfg.extra_env)
     return env
 

@@ -27,6 +27,7 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     n_ctx: Annotated[int, msgspec.Meta(ge=128)] = 2048
     threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: share the cores between generation replicas
     replicas: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    node: str = ""  # pin every replica to this node; empty: the scheduler chooses
 
     @property
     def embedding(self) -> bool:

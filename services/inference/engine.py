@@ -10,7 +10,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Generator
 
 
 @dataclass
@@ -40,7 +40,12 @@ class Engine(abc.ABC):
     def generate(self, params: GenerateParams) -> Generation: ...
 
     @abc.abstractmethod
-    def stream(self, params: GenerateParams) -> Iterator[str]: ...
+    def stream(self, params: GenerateParams, prefix: str = "") -> Generator[str, None, Generation]:
+        """Yield the answer piece by piece and return its `Generation` (text is what was yielded).
+
+        `prefix` is the start of the answer already produced elsewhere (by a replica that died):
+        generation continues right after it, and the prefix itself is not yielded again.
+        """
 
     @abc.abstractmethod
     def embed(self, texts: list[str]) -> list[list[float]]: ...
@@ -56,11 +61,14 @@ class Engine(abc.ABC):
 class LlamaCppEngine(Engine):
     """llama-cpp-python on the CPU (or whatever ggml backend the wheel was built with)."""
 
-    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, embedding: bool = False) -> None:
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, embedding: bool = False,
+                 rpc_servers: list[str] | None = None) -> None:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.threads = threads
         self.embedding = embedding
+        self.rpc_servers = list(rpc_servers or [])  # "host:port" shards holding the layers (rpc.py)
+        self.placement: dict[str, int] = {}  # layers per shard once loaded on shards
         self._llm = None
         self._abort = threading.Event()
 
@@ -71,7 +79,13 @@ class LlamaCppEngine(Engine):
         if self.embedding:
             # A causal LM has no pooling of its own; mean pooling gives one vector per text.
             kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
-        self._llm = llama_cpp.Llama(model_path=str(self.model_path), **kwargs)
+        if self.rpc_servers:
+            from services.inference import rpc
+
+            self._llm, self.placement = rpc.load_on_shards(
+                _ContinuableLlama, self.rpc_servers, model_path=str(self.model_path), **kwargs)
+            return
+        self._llm = _ContinuableLlama(model_path=str(self.model_path), **kwargs)
 
     def _abort_processor(self, _input_ids, logits):
         # llama-cpp-python's chat API has no stopping criteria; once aborted, only end-of-sequence
@@ -81,10 +95,11 @@ class LlamaCppEngine(Engine):
             logits[self._llm.token_eos()] = 0.0
         return logits
 
-    def _completion(self, params: GenerateParams, *, stream: bool):
+    def _completion(self, params: GenerateParams, *, stream: bool, prefix: str = ""):
         import llama_cpp
 
         self._abort.clear()
+        self._llm.continue_with = self._llm.tokenize(prefix.encode(), add_bos=False, special=False) if prefix else []
         return self._llm.create_chat_completion(
             messages=params.messages,
             max_tokens=params.max_tokens,
@@ -109,11 +124,21 @@ class LlamaCppEngine(Engine):
             seconds=time.perf_counter() - started,
         )
 
-    def stream(self, params: GenerateParams) -> Iterator[str]:
-        for chunk in self._completion(params, stream=True):
-            piece = chunk["choices"][0]["delta"].get("content")
+    def stream(self, params: GenerateParams, prefix: str = "") -> Generator[str, None, Generation]:
+        started = time.perf_counter()
+        pieces: list[str] = []
+        finish = ""
+        for chunk in self._completion(params, stream=True, prefix=prefix):
+            choice = chunk["choices"][0]
+            finish = choice.get("finish_reason") or finish
+            piece = choice["delta"].get("content")
             if piece:
+                pieces.append(piece)
                 yield piece
+        return Generation(
+            text="".join(pieces), prompt_tokens=self._llm.last_prompt_tokens, completion_tokens=len(pieces),
+            finish_reason="aborted" if self._abort.is_set() else finish, seconds=time.perf_counter() - started,
+        )
 
     def embed(self, texts: list[str]) -> list[list[float]]:
         if not self.embedding:
@@ -127,3 +152,28 @@ class LlamaCppEngine(Engine):
         if self._llm is not None:
             self._llm.close()
             self._llm = None
+
+
+def _continuable_llama_class():
+    import llama_cpp
+
+    class ContinuableLlama(llama_cpp.Llama):
+        """`create_chat_completion` renders the chat with the model's own template and then calls
+        `create_completion` with the prompt's tokens. Appending the tokens of an answer's start there
+        continues that answer exactly where another replica stopped, with the same chat template."""
+
+        continue_with: list[int] = []
+        last_prompt_tokens: int = 0
+
+        def create_completion(self, prompt, *args, **kwargs):
+            if isinstance(prompt, list):
+                self.last_prompt_tokens = len(prompt)
+                prompt = prompt + self.continue_with
+            return super().create_completion(prompt, *args, **kwargs)
+
+    return ContinuableLlama
+
+
+def _ContinuableLlama(**kwargs):
+    # Built lazily: importing llama_cpp loads its shared library, which only replicas need.
+    return _continuable_llama_class()(**kwargs)

@@ -40,6 +40,8 @@ def start_ray(settings: Settings):
             _node_ip_address="127.0.0.1",
             _temp_dir=_temp_dir(settings.home_path),
             object_store_memory=128 * 1024 * 1024,
+            # Replicas pin themselves to a MAGI node through this resource (see replicas.py).
+            resources={f"magi_node:{settings.node()}": 1000},
             namespace="magi",
             log_to_driver=False,
         )

@@ -12,17 +12,19 @@ from dataclasses import asdict
 import ray
 
 import services.inference.ray_runtime  # noqa: F401  (confines Ray to loopback before import)
-from services.inference.engine import GenerateParams, LlamaCppEngine
+from services.inference.engine import GenerateParams
+from services.inference.engines import make_engine
 
 
 @ray.remote(concurrency_groups={"control": 1})
 class LlamaReplica:
-    def __init__(self, replica_id: str, model_path: str, n_ctx: int, threads: int, embedding: bool) -> None:
-        from pathlib import Path
-
+    def __init__(self, replica_id: str, model_path: str, n_ctx: int, threads: int, embedding: bool,
+                 backend: str = "llama_cpp", rpc_servers: list[str] | None = None) -> None:
         self.replica_id = replica_id
         self.node = os.environ.get("MAGI_NODE_NAME") or socket.gethostname()
-        self.engine = LlamaCppEngine(Path(model_path), n_ctx=n_ctx, threads=threads, embedding=embedding)
+        # rpc_servers: "host:port" shards (RpcShard actors) that hold the layers; llama_cpp only.
+        extra = {"rpc_servers": rpc_servers} if rpc_servers else {}
+        self.engine = make_engine(backend, model_path, n_ctx=n_ctx, threads=threads, embedding=embedding, **extra)
         self.engine.load()
         self.current = ""
 
@@ -38,6 +40,22 @@ class LlamaReplica:
         self.current = request_id
         try:
             return asdict(self.engine.generate(GenerateParams(**params)))
+        finally:
+            self.current = ""
+
+    @ray.method(num_returns="streaming")
+    def stream(self, params: dict, request_id: str, prefix: str = ""):
+        """Yield `{"piece": text}` per piece, then one dict with usage; `prefix` is text already sent
+        by a replica that died, which this one continues after."""
+        self.current = request_id
+        try:
+            pieces = self.engine.stream(GenerateParams(**params), prefix=prefix)
+            while True:
+                try:
+                    yield {"piece": next(pieces)}
+                except StopIteration as end:
+                    yield asdict(end.value)
+                    return
         finally:
             self.current = ""
 

@@ -2,17 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
+import uuid
 
 from protos.common import Empty, Usage
-from protos.infer import EmbedReply, EmbedRequest, GenerateReply, GenerateRequest, ModelsReply
+from protos.infer import (
+    CancelReply,
+    CancelRequest,
+    EmbedReply,
+    EmbedRequest,
+    GenerateReply,
+    GenerateRequest,
+    ModelsReply,
+)
 from services.inference.catalog import load_catalog
-from services.inference.pool import Router
+from services.inference.router import Router
+from services.inference.streaming import ChunkSink
 from shared.config import Settings
-from shared.errors import BadRequest
+from shared.errors import BadRequest, DeadlineExceeded
 from shared.service import MagiService, RequestContext
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 
 
 def _messages(req: GenerateRequest) -> list[dict[str, str]]:
@@ -23,22 +34,39 @@ def _messages(req: GenerateRequest) -> list[dict[str, str]]:
     raise BadRequest("give `prompt` or a non-empty `messages` list", field="prompt")
 
 
+def _finish(reason: str) -> str:
+    # The engine reports an abort; from the caller's side that is a cancellation.
+    return "cancelled" if reason == "aborted" else reason
+
+
 class InferenceEndpoints:
-    def __init__(self, router: Router, settings: Settings) -> None:
+    def __init__(self, router: Router, settings: Settings, service: MagiService) -> None:
         self.router = router
         self.settings = settings
+        self.service = service
 
     async def generate(self, req: GenerateRequest, ctx: RequestContext) -> GenerateReply:
         messages = _messages(req)
         pool = self.router.resolve(req.model, req.role)
+        if req.request_id and req.request_id in self.router.jobs:
+            raise BadRequest(f"request_id {req.request_id!r} is already running", field="request_id")
+        request_id = req.request_id or uuid.uuid4().hex
         params = {
             "messages": messages, "max_tokens": req.max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "stop": req.stop, "seed": req.seed,
         }
-        started = time.perf_counter()
         timeout = min(req.timeout_s, self.settings.request_timeout_s)
-        replica, out = await self.router.call(pool, "generate", params, timeout=timeout)
-        replica.tokens += out["completion_tokens"]
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(timeout):
+                if req.stream:
+                    sink = ChunkSink(self.service.nc, req.stream_subject or ctx.reply, request_id)
+                    async with sink:
+                        replica, out, attempts = await self.router.stream(pool, params, request_id, sink.send)
+                else:
+                    replica, out, attempts = await self.router.generate(pool, params, request_id)
+        except TimeoutError:
+            raise DeadlineExceeded(f"generation exceeded {timeout:.1f} s", field="timeout_s") from None
         usage = Usage(
             prompt_tokens=out["prompt_tokens"], completion_tokens=out["completion_tokens"],
             total_tokens=out["prompt_tokens"] + out["completion_tokens"],
@@ -46,13 +74,21 @@ class InferenceEndpoints:
         return GenerateReply(
             text=out["text"], model=pool.spec.name, node=replica.node, replica=replica.replica_id,
             usage=usage, latency_ms=round((time.perf_counter() - started) * 1000, 2),
-            finish_reason=out["finish_reason"],
+            finish_reason=_finish(out["finish_reason"]), request_id=request_id, attempts=attempts,
         )
+
+    async def cancel(self, req: CancelRequest, ctx: RequestContext) -> CancelReply:
+        return CancelReply(request_id=req.request_id, cancelled=self.router.cancel(req.request_id))
 
     async def embed(self, req: EmbedRequest, ctx: RequestContext) -> EmbedReply:
         pool = self.router.resolve(req.model, None, embedding=True)
-        replica, vectors = await self.router.call(pool, "embed", req.texts, timeout=self.settings.request_timeout_s)
-        return EmbedReply(model=pool.spec.name, dim=len(vectors[0]), vectors=vectors, node=replica.node, replica=replica.replica_id)
+        try:
+            async with asyncio.timeout(self.settings.request_timeout_s):
+                replica, vectors = await self.router.embed(pool, req.texts, uuid.uuid4().hex)
+        except TimeoutError:
+            raise DeadlineExceeded("embedding took too long") from None
+        return EmbedReply(model=pool.spec.name, dim=len(vectors[0]), vectors=vectors, node=replica.node,
+                          replica=replica.replica_id)
 
     async def models(self, req: Empty, ctx: RequestContext) -> ModelsReply:
         return ModelsReply(models=self.router.models())
@@ -60,23 +96,26 @@ class InferenceEndpoints:
 
 async def build(settings: Settings):
     from services.inference.ray_runtime import start_ray, stop_ray
-    from services.inference.replica import LlamaReplica
+    from services.inference.replicas import ReplicaFactory
 
     catalog = load_catalog(settings.models_file)
+    service = MagiService("magi-inference", VERSION, "Model replicas on Ray: generate, stream, cancel, embed, models",
+                          settings)
+    nc = await service.connect()  # before the replicas: the scheduler places them
     start_ray(settings)
     router = Router(catalog)
     try:
-        await router.start(LlamaReplica)
+        await router.start(ReplicaFactory(settings, nc))
     except BaseException:
         stop_ray()
+        await nc.close()
         raise
-    service = MagiService("magi-inference", VERSION, "Model replicas on Ray: generate, embed, models", settings)
-    endpoints = InferenceEndpoints(router, settings)
+    endpoints = InferenceEndpoints(router, settings, service)
     service.endpoint("magi.infer.generate", GenerateRequest, endpoints.generate)
+    service.endpoint("magi.infer.cancel", CancelRequest, endpoints.cancel)
     service.endpoint("magi.infer.embed", EmbedRequest, endpoints.embed)
     service.endpoint("magi.infer.models", Empty, endpoints.models)
     service.extra_stats = router.queue_stats
-    await service.connect()
 
     async def cleanup() -> None:
         await router.close()

@@ -12,6 +12,7 @@ WRONG_TYPES = {
     "magi.mission.run": (b'{"prompt": "x", "variations": "not a list"}', "variations"),
     "magi.infer.generate": (b'{"prompt": "x", "max_tokens": "many"}', "max_tokens"),
     "magi.infer.embed": (b'{"texts": [1, 2]}', "texts[0]"),
+    "magi.infer.cancel": (b'{"request_id": 12}', "request_id"),
     "magi.infer.models": (b'[]', "$"),
     "magi.memory.upsert": (b'{"documents": [{"text": 5}]}', "documents[0].text"),
     "magi.memory.search": (b'{"text": "x", "k": 0}', "k"),
@@ -27,6 +28,7 @@ WRONG_TYPES = {
 MISSING_FIELDS = {
     "magi.mission.run": "prompt",
     "magi.infer.embed": "texts",
+    "magi.infer.cancel": "request_id",
     "magi.memory.upsert": "documents",
     "magi.consensus.decide": "votes",
     "magi.consensus.get": "id",
@@ -74,6 +76,11 @@ async def test_oversized_payload_is_413(nc, subject):
 async def test_unknown_model_is_404(nc):
     code, error = await _error(nc, "magi.infer.generate", b'{"prompt": "hi", "model": "gpt-17"}')
     assert code == "404" and error["field"] == "model"
+
+
+async def test_stream_subject_must_be_a_plain_subject(nc):
+    code, error = await _error(nc, "magi.infer.generate", b'{"prompt": "hi", "stream": true, "stream_subject": "a.>"}')
+    assert code == "400" and error["field"] == "stream_subject"
 
 
 async def test_unknown_consensus_record_is_404(nc):

@@ -45,3 +45,18 @@ async def test_embeddings_are_normalised_and_deterministic(nc):
     a, b, c = reply.vectors
     assert a == b and a != c
     assert abs(sum(x * x for x in a) - 1.0) < 1e-3
+
+
+async def test_replicas_are_placed_by_the_scheduler(nc):
+    from protos.sched import AssignmentsReply
+
+    reply = await bus.request(nc, "magi.sched.assignments", {"node": "testnode"}, AssignmentsReply, timeout=5)
+    placed = {i.instance_id for i in reply.instances}
+    assert {"replica-smollm2-135m-0", "replica-smollm2-135m-1", "replica-smollm2-135m-embed-0"} <= placed
+
+
+async def test_models_report_pids_and_queue(nc):
+    reply = await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)
+    for model in reply.models:
+        assert model.queued >= 0
+        assert all(r.pid > 0 and r.restarts >= 0 for r in model.replicas)

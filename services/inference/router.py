@@ -1,0 +1,223 @@
+"""The router: owns every model's replica pool, sends each request to a free replica, retries once
+when a replica dies mid-request, and cancels by request id.
+
+A streamed request that loses its replica continues on another one after the text already sent
+(NVIDIA Dynamo's request migration), so the caller sees no piece twice and none missing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
+
+from services.inference.catalog import Catalog, resolve_source, threads_for
+from services.inference.pool import ModelPool, Replica
+from shared.errors import NotFound, Unavailable
+
+log = logging.getLogger("magi.inference.router")
+
+ATTEMPTS = 2  # the first replica, then one retry elsewhere
+Emit = Callable[[str, Replica], Awaitable[None]]
+
+
+class CallerGone(Exception):
+    """Raised by a stream's emit callback when nobody listens any more: generation stops."""
+
+
+def _actor_died(exc: BaseException) -> bool:
+    from ray.exceptions import RayActorError
+
+    return isinstance(exc, RayActorError)
+
+
+@dataclass
+class _Job:
+    replica: Replica | None = None  # None while the request waits for a free replica
+    cancelled: bool = False
+
+
+_CANCELLED = {"text": "", "prompt_tokens": 0, "completion_tokens": 0, "finish_reason": "aborted"}
+
+
+class Router:
+    def __init__(self, catalog: Catalog, *, max_restarts: int = 5) -> None:
+        self.catalog = catalog
+        self.max_restarts = max_restarts
+        self.pools: dict[str, ModelPool] = {}
+        self.jobs: dict[str, _Job] = {}
+        self._background: set[asyncio.Task] = set()
+
+    async def start(self, make_actor: Callable[[ModelPool, int], Awaitable[Replica]]) -> None:
+        """Create every replica with `make_actor(pool, index)`, then wait until each one has really generated."""
+        for spec in self.catalog.models:
+            path = str(resolve_source(spec.source))
+            pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=path)
+            pool.replicas = [await make_actor(pool, i) for i in range(spec.replicas)]
+            self.pools[spec.name] = pool
+        await asyncio.gather(*(self._warm(p, r) for p in self.pools.values() for r in p.replicas))
+        failed = [r.replica_id for p in self.pools.values() for r in p.replicas if r.state != "ready"]
+        if failed:
+            raise Unavailable(f"replicas failed to start: {', '.join(failed)}")
+
+    async def _warm(self, pool: ModelPool, replica: Replica) -> None:
+        """Ready means a real one-token generation went through, not just a live process."""
+        try:
+            replica.mark_ready(await replica.actor.warmup.remote())
+            log.info("replica ready", extra={"replica": replica.replica_id, "node": replica.node, "pid": replica.pid})
+        except Exception:
+            replica.state, replica.pid = "failed", 0
+            log.exception("replica failed to start", extra={"replica": replica.replica_id})
+        await pool.notify()
+
+    def _lost(self, pool: ModelPool, replica: Replica) -> None:
+        """The replica's process died: Ray restarts the actor; warm it again before it serves."""
+        if replica.state not in ("ready", "starting"):
+            return
+        replica.restarts += 1
+        replica.state, replica.pid = ("restarting", 0) if replica.restarts <= self.max_restarts else ("failed", 0)
+        log.warning("replica died", extra={"replica": replica.replica_id, "restarts": replica.restarts})
+        if replica.state == "restarting":
+            task = asyncio.create_task(self._warm(pool, replica))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    def resolve(self, model: str, role: str | None, *, embedding: bool = False) -> ModelPool:
+        if model:
+            if model not in self.pools:
+                raise NotFound(f"unknown model {model!r}; known: {', '.join(self.pools)}", field="model")
+            pool = self.pools[model]
+            if pool.spec.embedding != embedding:
+                kind = "an embedding" if pool.spec.embedding else "a generation"
+                raise NotFound(f"model {model!r} is {kind} model", field="model")
+            return pool
+        wanted = role or ("embed" if embedding else "heavy")
+        for pool in self.pools.values():
+            if wanted in pool.spec.roles:
+                return pool
+        raise NotFound(f"no model serves role {wanted!r}", field="role")
+
+    async def generate(self, pool: ModelPool, params: dict, request_id: str) -> tuple[Replica, dict, int]:
+        """One generation; the caller bounds it with a timeout (cancellation aborts the replica's work)."""
+        with self._job(request_id) as job:
+            return await self._generate(pool, params, request_id, job)
+
+    @contextlib.contextmanager
+    def _job(self, request_id: str):
+        job = self.jobs[request_id] = _Job()
+        try:
+            yield job
+        finally:
+            self.jobs.pop(request_id, None)
+
+    async def _generate(self, pool: ModelPool, params: dict, request_id: str, job: _Job) -> tuple[Replica, dict, int]:
+        for attempt in range(1, ATTEMPTS + 1):
+            replica = await pool.acquire()
+            if job.cancelled:
+                await pool.release(replica, 0.0)
+                return replica, dict(_CANCELLED), attempt
+            try:
+                out = await self._on(pool, replica, request_id, replica.actor.generate.remote(params, request_id))
+            except Exception as exc:
+                if not _actor_died(exc) or attempt == ATTEMPTS:
+                    raise
+                continue
+            replica.tokens += out["completion_tokens"]
+            return replica, out, attempt
+        raise AssertionError("unreachable")
+
+    async def _on(self, pool: ModelPool, replica: Replica, request_id: str, call: Awaitable[Any]) -> Any:
+        """Await one actor call on a reserved replica: track it for cancel, release it however it ends."""
+        job = self.jobs.get(request_id)
+        if job is not None:
+            job.replica = replica
+        started = time.perf_counter()
+        try:
+            result = await call
+            replica.served += 1
+            return result
+        except asyncio.CancelledError:
+            replica.actor.abort.remote(request_id)  # the caller gave up (deadline): stop at the next token
+            raise
+        except Exception as exc:
+            if _actor_died(exc):
+                self._lost(pool, replica)
+            raise
+        finally:
+            if job is not None:
+                job.replica = None
+            await pool.release(replica, time.perf_counter() - started)
+
+    async def stream(self, pool: ModelPool, params: dict, request_id: str, emit: Emit) -> tuple[Replica, dict, int]:
+        """Stream pieces through `emit`; on replica death continue elsewhere after what was already sent."""
+        with self._job(request_id) as job:
+            return await self._stream(pool, params, request_id, emit, job)
+
+    async def _stream(self, pool: ModelPool, params: dict, request_id: str, emit: Emit,
+                      job: _Job) -> tuple[Replica, dict, int]:
+        sent: list[str] = []
+        for attempt in range(1, ATTEMPTS + 1):
+            replica = await pool.acquire()
+            if job.cancelled:
+                await pool.release(replica, 0.0)
+                return replica, dict(_CANCELLED, text="".join(sent), completion_tokens=len(sent)), attempt
+            left = dict(params, max_tokens=params["max_tokens"] - len(sent))
+            try:
+                final = await self._on(pool, replica, request_id, self._pump(replica, left, request_id, sent, emit))
+            except Exception as exc:
+                if not _actor_died(exc) or attempt == ATTEMPTS or len(sent) >= params["max_tokens"]:
+                    raise
+                log.warning("stream migrated", extra={"request_id": request_id, "after_pieces": len(sent)})
+                continue
+            final["text"] = "".join(sent)
+            final["completion_tokens"] = len(sent)
+            replica.tokens += final["completion_tokens"]
+            return replica, final, attempt
+        raise AssertionError("unreachable")
+
+    async def _pump(self, replica: Replica, params: dict, request_id: str, sent: list[str], emit: Emit) -> dict:
+        final: dict = {}
+        pieces = replica.actor.stream.remote(params, request_id, "".join(sent))
+        try:
+            async for ref in pieces:
+                item = await ref
+                if "piece" in item:
+                    sent.append(item["piece"])
+                    await emit(item["piece"], replica)
+                else:
+                    final = item
+        except CallerGone:
+            replica.actor.abort.remote(request_id)
+            final = {"finish_reason": "caller_gone", "prompt_tokens": 0}
+        return final
+
+    def cancel(self, request_id: str) -> bool:
+        job = self.jobs.get(request_id)
+        if job is None:
+            return False
+        job.cancelled = True
+        if job.replica is not None:
+            job.replica.actor.abort.remote(request_id)
+        return True
+
+    async def embed(self, pool: ModelPool, texts: list[str], request_id: str) -> tuple[Replica, list[list[float]]]:
+        replica = await pool.acquire()
+        return replica, await self._on(pool, replica, request_id, replica.actor.embed.remote(texts, request_id))
+
+    def models(self):
+        return [p.info() for p in self.pools.values()]
+
+    def queue_stats(self) -> dict:
+        return {"models": {name: p.stats() for name, p in self.pools.items()}}
+
+    async def close(self) -> None:
+        import ray
+
+        for task in list(self._background):
+            task.cancel()
+        for pool in self.pools.values():
+            for replica in pool.replicas:
+                ray.kill(replica.actor, no_restart=True)

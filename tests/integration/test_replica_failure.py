@@ -1,0 +1,80 @@
+"""A replica's process killed mid-generation: the caller gets a complete answer (retried on another
+replica, or continued there for a stream), never a hang; the replica comes back on its own."""
+
+import asyncio
+import os
+import signal
+
+import pytest
+
+from protos.infer import GenerateReply, GenerateRequest, ModelsReply, StreamChunk
+from shared import bus
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
+
+PROMPT = "Write a long story about a lighthouse keeper and a storm."
+MODEL = "smollm2-135m"
+
+
+async def _replicas(nc) -> dict[str, object]:
+    models = await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)
+    return {r.replica: r for m in models.models if m.name == MODEL for r in m.replicas}
+
+
+async def _wait_all_ready(nc, timeout: float = 90.0) -> dict[str, object]:
+    for _ in range(int(timeout * 4)):
+        replicas = await _replicas(nc)
+        if all(r.state == "ready" and r.pid for r in replicas.values()):
+            return replicas
+        await asyncio.sleep(0.25)
+    pytest.fail(f"replicas did not all come back: {replicas}")
+
+
+async def _busy_replica(nc):
+    for _ in range(200):
+        busy = [r for r in (await _replicas(nc)).values() if r.in_flight]
+        if busy:
+            return busy[0]
+        await asyncio.sleep(0.05)
+    pytest.fail("no replica picked the request up")
+
+
+async def test_generation_survives_its_replica_being_killed(nc):
+    before = await _wait_all_ready(nc)
+    request = GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=400, temperature=0.0, seed=5)
+    pending = asyncio.create_task(bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=120))
+    victim = await _busy_replica(nc)
+    await asyncio.sleep(0.5)  # let it generate a few tokens first
+    os.kill(victim.pid, signal.SIGKILL)
+    reply = await pending
+    assert reply.attempts == 2 and reply.replica != victim.replica
+    assert reply.text and reply.usage.completion_tokens > 0
+    after = await _wait_all_ready(nc)
+    assert after[victim.replica].pid != victim.pid
+    assert after[victim.replica].restarts == before[victim.replica].restarts + 1
+
+
+async def test_a_stream_continues_on_another_replica_without_gaps_or_repeats(nc):
+    await _wait_all_ready(nc)
+    request = GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0.0, seed=5, stream=True)
+    chunks: list[StreamChunk] = []
+    final = None
+    killed = None
+    async for item in bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=60):
+        if isinstance(item, StreamChunk):
+            chunks.append(item)
+            if len(chunks) == 10:
+                killed = (await _replicas(nc))[item.replica]
+                os.kill(killed.pid, signal.SIGKILL)
+        else:
+            final = item
+    assert killed is not None and final is not None
+    assert final.attempts == 2
+    assert [c.seq for c in chunks] == list(range(len(chunks)))
+    assert {c.replica for c in chunks[10:]} - {killed.replica}, "later chunks must come from another replica"
+    assert "".join(c.text for c in chunks) == final.text
+    # At temperature 0 the continued answer is the one an uninterrupted replica gives.
+    whole = await bus.request(nc, "magi.infer.generate", GenerateRequest(
+        model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0.0, seed=5), GenerateReply, timeout=60)
+    assert final.text == whole.text
+    await _wait_all_ready(nc)
