@@ -99,6 +99,10 @@ class LlamaCppEngine(Engine):
         import llama_cpp
 
         self._abort.clear()
+        # Evaluate every prompt from scratch instead of reusing the previous request's matching prefix:
+        # a different batch split changes the float sums, and a small model at temperature 0 then picks
+        # other tokens, so the same request would answer differently on replicas with other histories.
+        self._llm.reset()
         self._llm.continue_with = self._llm.tokenize(prefix.encode(), add_bos=False, special=False) if prefix else []
         return self._llm.create_chat_completion(
             messages=params.messages,

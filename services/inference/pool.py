@@ -32,6 +32,7 @@ class Replica:
     pid: int = 0
     restarts: int = 0
     shards: list[str] = field(default_factory=list)
+    shard_actors: list[Any] = field(default_factory=list)
     in_flight: int = 0
     served: int = 0
     tokens: int = 0

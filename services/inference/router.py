@@ -220,4 +220,5 @@ class Router:
             task.cancel()
         for pool in self.pools.values():
             for replica in pool.replicas:
-                ray.kill(replica.actor, no_restart=True)
+                for actor in [replica.actor, *replica.shard_actors]:
+                    ray.kill(actor, no_restart=True)
