@@ -15,6 +15,7 @@ from benchmarks.bus import measure_hop
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.parallel import measure_parallel_speedup
+from benchmarks.rpc import measure_rpc_ratio
 from benchmarks.sched import measure_placement
 from shared import stack
 from shared.procs import free_port
@@ -54,6 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.update(asyncio.run(_run(Path(args.home).resolve(), args.rounds, args.hop_requests)))
     progress("10 generations over N replicas vs 1 replica")
     metrics.update(asyncio.run(measure_parallel_speedup(progress)))
+    progress("two llama.cpp RPC shards on loopback vs the unsharded model")
+    metrics.update(measure_rpc_ratio(progress))
     result = {
         "metrics": metrics,
         "meta": {"started": started, "seconds": round(time.time() - started, 1), "cpus": os.cpu_count(),

@@ -1,15 +1,18 @@
-"""Creating replica actors where the scheduler placed them.
+"""Creating replica actors (and their llama.cpp RPC shards) where the scheduler placed them.
 
 Every MAGI node in the Ray cluster carries a custom resource `magi_node:<name>` (the local Ray gets
-the local node's; a node's agent passes `--resources` to `ray start`). A replica asks for a sliver of
-its node's resource, so Ray runs it exactly there. The node comes from `magi.sched.place`; when no
-scheduler answers (the inference service alone, as in benchmarks) replicas stay on the local node.
+the local node's; a node's agent passes `--resources` to `ray start`). An actor asks for a sliver of
+its node's resource, so Ray runs it exactly there. Nodes come from `magi.sched.place`: a plain replica
+is one instance; a sharded replica is a gang (its shards and its coordinator, all or none) whose
+coordinator goes to the node with the best seed-001 score. With no scheduler answering (the inference
+service alone, as in benchmarks) everything stays on the local node.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -36,9 +39,24 @@ def instance_id(replica_id: str) -> str:
     return "replica-" + re.sub(r"[^A-Za-z0-9_-]", "-", replica_id)
 
 
+def model_gb(model_path: str) -> float:
+    return Path(model_path).stat().st_size / 2**30
+
+
 def replica_ram_gb(model_path: str, n_ctx: int) -> float:
     # Weights are mapped whole; the KV cache and scratch buffers add roughly 0.1 MB per context token.
-    return round(Path(model_path).stat().st_size / 2**30 * 1.2 + n_ctx * 1e-4, 3)
+    return round(model_gb(model_path) * 1.2 + n_ctx * 1e-4, 3)
+
+
+def gang_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
+    """A sharded replica: its coordinator (seed-001 placement by model size) plus one instance per shard."""
+    base, n = instance_id(replica_id), pool.spec.shards
+    size = model_gb(pool.source_path)
+    coordinator = InstanceSpec(instance_id=base, ram_gb=round(pool.spec.n_ctx * 1e-4 + 0.05, 3),
+                               model_size_gb=round(size, 3), group=base)
+    shards = [InstanceSpec(instance_id=f"{base}-shard{k}", ram_gb=round(size / n * 1.2, 3), group=base)
+              for k in range(n)]
+    return [coordinator, *shards]
 
 
 def _require_ray_node(node: str) -> None:
@@ -57,45 +75,60 @@ class ReplicaFactory:
 
     async def __call__(self, pool: ModelPool, index: int) -> Replica:
         replica_id = f"{pool.spec.name}/{index}"
-        node = await self._place(pool, replica_id)
-        _require_ray_node(node)
-        actor = self._actor_class(pool).options(
+        specs = gang_specs(pool, replica_id) if pool.spec.shards else [
+            InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, pool.spec.n_ctx),
+                         gpu_required=pool.spec.backend == "vllm")]
+        nodes = await self._place(pool, replica_id, specs)
+        for node in set(nodes):
+            _require_ray_node(node)
+        shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
+        actor = self._replica_class().options(
             name=f"replica:{replica_id}",
             num_cpus=0,  # llama.cpp threads are sized by the catalogue, not by Ray's CPU accounting
             num_gpus=1 if pool.spec.backend == "vllm" else 0,
-            resources={node_resource(node): 0.001},
+            resources={node_resource(nodes[0]): 0.001},
             max_restarts=self.max_restarts,
         ).remote(replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
-                 backend=pool.spec.backend)
-        return Replica(replica_id=replica_id, actor=actor, node=node)
+                 backend=pool.spec.backend, rpc_servers=endpoints or None)
+        return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors)
 
     @staticmethod
-    def _actor_class(pool: ModelPool):
+    def _replica_class():
         from services.inference.replica import LlamaReplica
 
         return LlamaReplica
 
-    async def _place(self, pool: ModelPool, replica_id: str) -> str:
-        local = self.settings.node()
-        if pool.spec.node:
-            return pool.spec.node
-        if self.nc is None:
-            return local
-        spec = InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, pool.spec.n_ctx),
-                            gpu_required=pool.spec.backend == "vllm")
+    async def _start_shards(self, pool: ModelPool, nodes: list[str]) -> tuple[list, list[str]]:
+        if not nodes:
+            return [], []
+        from services.inference.shard import RpcShard
+
+        threads = pool.spec.shard_threads or max(1, (os.cpu_count() or 1) // len(nodes))
+        actors = [RpcShard.options(resources={node_resource(node): 0.001}).remote(
+            host="", threads=threads, allow_any_address=pool.spec.rpc_allow_any_address) for node in nodes]
+        endpoints = await asyncio.gather(*(a.endpoint.remote() for a in actors))
+        log.info("rpc shards ready", extra={"model": pool.spec.name, "endpoints": endpoints})
+        return actors, list(endpoints)
+
+    async def _place(self, pool: ModelPool, replica_id: str, specs: list[InstanceSpec]) -> list[str]:
+        """One node per spec, in order; the local node (or the catalogue's `node`) without a scheduler."""
+        fixed = pool.spec.node or self.settings.node()
+        if pool.spec.node or self.nc is None:
+            return [fixed] * len(specs)
         deadline = time.monotonic() + PLACE_TIMEOUT_S
         while True:
             try:
-                reply = await bus.request(self.nc, "magi.sched.place", PlaceRequest(instances=[spec]), PlaceReply,
+                reply = await bus.request(self.nc, "magi.sched.place", PlaceRequest(instances=specs), PlaceReply,
                                           timeout=PLACE_TIMEOUT_S)
             except MagiError as exc:
                 log.warning("no scheduler placement; replica stays local",
-                            extra={"replica": replica_id, "node": local, "error": exc.message})
-                return local
-            node = reply.placements.get(spec.instance_id)
-            if node:
-                return node
+                            extra={"replica": replica_id, "node": fixed, "error": exc.message})
+                return [fixed] * len(specs)
+            nodes = [reply.placements.get(s.instance_id, "") for s in specs]
+            if all(nodes):
+                return nodes
             if time.monotonic() > deadline:
-                raise Unavailable(f"scheduler could not place {replica_id}: {reply.unplaced.get(spec.instance_id)}")
+                reasons = "; ".join(f"{k}: {v}" for k, v in reply.unplaced.items())
+                raise Unavailable(f"scheduler could not place {replica_id}: {reasons}")
             # A scheduler that just started may not have heard any node's heartbeat yet.
             await asyncio.sleep(0.5)

