@@ -89,8 +89,10 @@ class SchedulerEndpoints:
     async def drain(self, req: DrainRequest, ctx: RequestContext) -> DrainReply:
         result, epoch, touched = await self.core.drain(req.node, req.drain)
         await self.nudge(touched | {req.node})
-        return DrainReply(node=req.node, status="MAINTENANCE" if req.drain else "RELEASED", moved=result.placements,
-                          unplaced=result.unplaced, epoch=epoch)
+        # The node's status as placement now sees it (after an undrain: whatever its heartbeats say).
+        _, _, states = await self.core.view()
+        status = next((st.status for st in states if st.name == req.node), "UNAVAILABLE")
+        return DrainReply(node=req.node, status=status, moved=result.placements, unplaced=result.unplaced, epoch=epoch)
 
     async def assignments(self, req: AssignmentsRequest, ctx: RequestContext) -> AssignmentsReply:
         return self.core.assignments(req.node)

@@ -91,3 +91,26 @@ async def test_crash_loop_is_reported_not_replaced(cluster, monkeypatch):
         return any("crasher is crash-looping on node-a" in w for w in report.warnings)
 
     await cluster.until(reported, timeout=40)
+
+
+async def test_drain_moves_instances_off_and_blocks_new_placements_until_undrained(cluster):
+    from protos.sched import DrainReply
+
+    old_pid = await place_one(cluster, "mover", "node-a")
+    reply = await bus.request(cluster.nc, "magi.sched.drain", {"node": "node-a"}, DrainReply, timeout=5)
+    assert reply.status == "MAINTENANCE" and reply.moved == {"mover": "node-b"}
+    await cluster.until(lambda: _running_on(cluster, "mover", "node-b"), timeout=10)
+    await cluster.until(lambda: not psutil.pid_exists(old_pid) or psutil.Process(old_pid).status() == "zombie", 5)
+    pinned = await bus.request(cluster.nc, "magi.sched.place", PlaceRequest(
+        instances=[InstanceSpec(instance_id="newcomer", ram_gb=0.1)], placement={"newcomer": "node-a"}),
+        PlaceReply, timeout=5)
+    assert "newcomer" in pinned.unplaced and "newcomer" not in pinned.placements
+    free = await bus.request(cluster.nc, "magi.sched.place", PlaceRequest(
+        instances=[InstanceSpec(instance_id="another", ram_gb=0.1)]), PlaceReply, timeout=5)
+    assert free.placements == {"another": "node-b"}
+    back = await bus.request(cluster.nc, "magi.sched.drain", {"node": "node-a", "drain": False}, DrainReply, timeout=5)
+    assert back.status == "HEALTHY"
+    again = await bus.request(cluster.nc, "magi.sched.place", PlaceRequest(
+        instances=[InstanceSpec(instance_id="welcome", ram_gb=0.1)], placement={"welcome": "node-a"}),
+        PlaceReply, timeout=5)
+    assert again.placements == {"welcome": "node-a"}
