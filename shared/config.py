@@ -30,6 +30,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ray_address: str = ""  # empty: a local Ray confined to loopback
     request_timeout_s: float = 120.0
     cluster_file: str = ""  # optional cluster YAML: configured capacity overrides what agents report
+    # This node's address on the private cluster network: Ray workers and llama.cpp RPC shards bind here.
+    cluster_address: str = "127.0.0.1"
+    ray_join: str = ""  # HEAD:PORT of a Ray cluster this node's agent joins (worker nodes only)
 
     @property
     def home_path(self) -> Path:
@@ -54,6 +57,8 @@ _ENV = {
     "ray_address": "MAGI_RAY_ADDRESS",
     "request_timeout_s": "MAGI_REQUEST_TIMEOUT_S",
     "cluster_file": "MAGI_CLUSTER_FILE",
+    "cluster_address": "MAGI_CLUSTER_ADDRESS",
+    "ray_join": "MAGI_RAY_JOIN",
 }
 
 

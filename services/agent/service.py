@@ -13,6 +13,7 @@ import msgspec
 from protos.common import Empty
 from protos.node import Heartbeat
 from protos.sched import AssignmentsReply, AssignmentsRequest
+from services.agent.rayjoin import ray_worker_spec
 from services.agent.resources import prime_cpu_percent, sample
 from services.agent.supervisor import Supervisor
 from shared import bus, sdnotify
@@ -55,6 +56,8 @@ class Agent:
         self._task: asyncio.Task | None = None
         self.supervisor = Supervisor(node, self.home, self._publish)
         self.epoch = 0  # newest placement epoch seen: older assignment lists are stale and ignored
+        # Instances of this node's own, not the scheduler's (joining the Ray cluster): always kept.
+        self.local = [s for s in (ray_worker_spec(settings, node),) if s is not None]
         self._reconciling = asyncio.Lock()
 
     async def _publish(self, subject: str, data: bytes) -> None:
@@ -78,7 +81,7 @@ class Agent:
             if reply.epoch < self.epoch:
                 return
             self.epoch = reply.epoch
-            await self.supervisor.reconcile(reply.instances, reply.epoch)
+            await self.supervisor.reconcile([*reply.instances, *self.local], reply.epoch)
 
     async def on_nudge(self, msg) -> None:
         await self.reconcile()
@@ -111,6 +114,8 @@ class Agent:
         return self.latest or await self._sample()
 
     async def start(self) -> None:
+        if self.local:  # before any scheduler answers, so a node joins Ray even with none up yet
+            await self.supervisor.reconcile(self.local, self.epoch)
         await self.service.nc.subscribe(f"magi.node.{self.node}.reconcile", cb=self.on_nudge)
         self._task = asyncio.create_task(self.run(), name=f"heartbeat-{self.node}")
         sdnotify.notify("READY=1")

@@ -31,7 +31,7 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # llama.cpp RPC: spread each replica's layers over this many shard servers (0: one process holds all).
     shards: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
     shard_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: the cores split between the shards
-    # The RPC server has no authentication: shards bind to their node's MAGI_RPC_HOST (127.0.0.1 unless
+    # The RPC server has no authentication: shards bind to their node's MAGI_CLUSTER_ADDRESS (127.0.0.1 unless
     # set to the node's cluster address); 0.0.0.0 is refused unless this says otherwise.
     rpc_allow_any_address: bool = False
 

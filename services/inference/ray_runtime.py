@@ -15,8 +15,12 @@ from pathlib import Path
 from shared.config import Settings
 
 # Read by Ray when it is imported, so it must be set before any `import ray` in this process
-# (replica.py imports this module first). It only affects a local Ray; joining a cluster ignores it.
-os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+# (replica.py imports this module first). Single-node mode keeps a local Ray on loopback; a process
+# that joins a multi-node cluster (MAGI_RAY_ADDRESS) must not set it, and needs Ray's token auth.
+if os.environ.get("MAGI_RAY_ADDRESS"):
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+else:
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 
 log = logging.getLogger("magi.inference.ray")
 

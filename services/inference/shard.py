@@ -65,8 +65,8 @@ class RpcShard:
                  allow_any_address: bool = False) -> None:
         for key, value in SHARD_ENV.items():
             os.environ.setdefault(key, value)
-        # Empty: this node's own MAGI_RPC_HOST (its private cluster address), loopback unless set.
-        host = host or os.environ.get("MAGI_RPC_HOST", "127.0.0.1")
+        # Empty: this node's own cluster address (MAGI_CLUSTER_ADDRESS), loopback unless set.
+        host = host or os.environ.get("MAGI_CLUSTER_ADDRESS", "127.0.0.1")
         self.host = rpc.bind_host(host, allow_any_address)  # refuse a bad address before serving anything
         self.threads, self.cache_dir = threads, cache_dir
         self._endpoint = ""
