@@ -1,0 +1,53 @@
+"""Run by test_ray_join.py inside a private network namespace (only loopback exists there): a Ray head,
+then the agent's `ray-worker` instance command for node `nodeb`; prints the node resources and where an
+actor pinned to `magi_node:nodeb` ran. Not a test module itself (no `test_` prefix)."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from services.agent.rayjoin import ray_worker_spec
+from shared.config import load_settings
+
+BIN = os.path.dirname(sys.executable)
+
+
+def main() -> None:
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    temp = sys.argv[1]
+    os.environ["RAY_AUTH_MODE"] = "token"  # Ray's default for `ray start` clusters; this driver joins one
+    env = dict(os.environ)
+    subprocess.run([f"{BIN}/ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "6390",
+                    "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp,
+                    "--resources", json.dumps({"magi_node:head": 1000})], check=True, env=env,
+                   stdout=subprocess.DEVNULL)
+    settings = load_settings({"MAGI_RAY_JOIN": "127.0.0.1:6390", "MAGI_CLUSTER_ADDRESS": "127.0.0.1"})
+    spec = ray_worker_spec(settings, "nodeb")
+    worker = subprocess.Popen(spec.command, env={**env, **spec.env, "MAGI_NODE_NAME": "nodeb"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        import ray
+
+        ray.init(address="127.0.0.1:6390", log_to_driver=False)
+        deadline = time.monotonic() + 60
+        while "magi_node:nodeb" not in ray.cluster_resources() and time.monotonic() < deadline:
+            time.sleep(0.5)
+
+        @ray.remote(num_cpus=0)
+        def where() -> str:
+            return os.environ.get("MAGI_NODE_NAME", "")
+
+        ran_on = ray.get(where.options(resources={"magi_node:nodeb": 0.001}).remote(), timeout=60)
+        nodes = sorted(k for k in ray.cluster_resources() if k.startswith("magi_node:"))
+        print(json.dumps({"nodes": nodes, "ran_on": ran_on}))
+        ray.shutdown()
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        subprocess.run([f"{BIN}/ray", "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+if __name__ == "__main__":
+    main()
