@@ -19,18 +19,22 @@ def main() -> None:
     temp = sys.argv[1]
     os.environ["RAY_AUTH_MODE"] = "token"  # Ray's default for `ray start` clusters; this driver joins one
     env = dict(os.environ)
-    subprocess.run([f"{BIN}/ray", "start", "--head", "--node-ip-address", "127.0.0.1", "--port", "6390",
-                    "--num-cpus", "1", "--include-dashboard=false", "--disable-usage-stats", "--temp-dir", temp,
-                    "--resources", json.dumps({"magi_node:head": 1000})], check=True, env=env,
-                   stdout=subprocess.DEVNULL)
+    # `--block` heads and workers stop their own processes on SIGTERM; never `ray stop`, which would
+    # kill every Ray process on the machine (the test session's inference service among them).
+    head = subprocess.Popen([f"{BIN}/ray", "start", "--block", "--head", "--node-ip-address", "127.0.0.1",
+                             "--port", "6390", "--num-cpus", "1", "--include-dashboard=false",
+                             "--disable-usage-stats", "--temp-dir", temp,
+                             "--resources", json.dumps({"magi_node:head": 1000})],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     settings = load_settings({"MAGI_RAY_JOIN": "127.0.0.1:6390", "MAGI_CLUSTER_ADDRESS": "127.0.0.1"})
     spec = ray_worker_spec(settings, "nodeb")
-    worker = subprocess.Popen(spec.command, env={**env, **spec.env, "MAGI_NODE_NAME": "nodeb"},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    worker = None
     try:
         import ray
 
-        ray.init(address="127.0.0.1:6390", log_to_driver=False)
+        _connect(ray)
+        worker = subprocess.Popen(spec.command, env={**env, **spec.env, "MAGI_NODE_NAME": "nodeb"},
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while "magi_node:nodeb" not in ray.cluster_resources() and time.monotonic() < deadline:
             time.sleep(0.5)
@@ -44,9 +48,22 @@ def main() -> None:
         print(json.dumps({"nodes": nodes, "ran_on": ran_on}))
         ray.shutdown()
     finally:
-        worker.terminate()
-        worker.wait(30)
-        subprocess.run([f"{BIN}/ray", "stop", "--force"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for proc in (worker, head):
+            if proc is not None:
+                proc.terminate()
+                proc.wait(60)
+
+
+def _connect(ray) -> None:
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            ray.init(address="127.0.0.1:6390", log_to_driver=False)
+            return
+        except (ConnectionError, RuntimeError):
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import psutil
 import pytest
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
@@ -24,7 +25,9 @@ def test_agent_ray_worker_joins_and_hosts_pinned_actors(tmp_path):
         out = subprocess.run(["unshare", "--net", sys.executable, "-m", "tests.integration.ray_join_probe", temp],
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=200)
     finally:
+        left = [p.pid for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
         shutil.rmtree(temp, ignore_errors=True)
+    assert not left, f"Ray processes of the probe outlived it: {left}"
     assert out.returncode == 0, out.stderr[-3000:]
     result = json.loads(out.stdout.strip().splitlines()[-1])
     assert result == {"nodes": ["magi_node:head", "magi_node:nodeb"], "ran_on": "nodeb"}
