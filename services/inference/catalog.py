@@ -83,6 +83,16 @@ def resolve_source(source: str) -> Path:
     raise NotFound(f"package {source!r} holds no .gguf file", field="source")
 
 
+def resolve_model(spec: ModelSpec) -> Path:
+    """Where a model's weights are: a .gguf for llama.cpp; for vLLM a local model folder (no hub downloads)."""
+    if spec.backend != "vllm":
+        return resolve_source(spec.source)
+    path = Path(spec.source).expanduser()
+    if not path.is_dir():
+        raise NotFound(f"vLLM model folder {path} does not exist (weights are never downloaded)", field="source")
+    return path
+
+
 def threads_for(spec: ModelSpec, catalog: Catalog) -> int:
     """Explicit threads win; otherwise the generation replicas split the cores so they don't thrash."""
     if spec.threads:

@@ -40,7 +40,9 @@ def instance_id(replica_id: str) -> str:
 
 
 def model_gb(model_path: str) -> float:
-    return Path(model_path).stat().st_size / 2**30
+    path = Path(model_path)
+    files = [f for f in path.rglob("*") if f.is_file()] if path.is_dir() else [path]  # a vLLM model folder
+    return sum(f.stat().st_size for f in files) / 2**30
 
 
 def replica_ram_gb(model_path: str, n_ctx: int) -> float:

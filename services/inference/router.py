@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from services.inference.catalog import Catalog, resolve_source, threads_for
+from services.inference.catalog import Catalog, resolve_model, threads_for
 from services.inference.pool import ModelPool, Replica
 from shared.errors import NotFound, Unavailable
 
@@ -54,7 +54,7 @@ class Router:
     async def start(self, make_actor: Callable[[ModelPool, int], Awaitable[Replica]]) -> None:
         """Create every replica with `make_actor(pool, index)`, then wait until each one has really generated."""
         for spec in self.catalog.models:
-            path = str(resolve_source(spec.source))
+            path = str(resolve_model(spec))
             pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=path)
             pool.replicas = [await make_actor(pool, i) for i in range(spec.replicas)]
             self.pools[spec.name] = pool

@@ -50,3 +50,13 @@ def test_taken_port_is_a_clear_error(tmp_path):
         with pytest.raises(StackError) as info:
             stack._start_nats(cfg)
     assert str(port) in info.value.message and "MAGI_NATS_URL" in info.value.message
+
+
+def test_vllm_models_need_a_local_folder(tmp_path):
+    from services.inference.catalog import ModelSpec, resolve_model
+    from shared.errors import NotFound
+
+    assert resolve_model(ModelSpec(name="big", backend="vllm", source=str(tmp_path))) == tmp_path
+    with pytest.raises(NotFound) as err:
+        resolve_model(ModelSpec(name="big", backend="vllm", source="meta-llama/Llama-3.1-8B"))
+    assert err.value.field == "source"
