@@ -60,6 +60,9 @@ class ModelPool:
     source_path: str
     replicas: list[Replica] = field(default_factory=list)
     queued: int = 0
+    # retried: requests finished on another replica after theirs died; migrated: streams continued
+    # elsewhere; abandoned: streams stopped because their caller went away.
+    counters: dict[str, int] = field(default_factory=lambda: {"retried": 0, "migrated": 0, "abandoned": 0})
     _changed: asyncio.Condition | None = None
 
     @property
@@ -112,4 +115,4 @@ class ModelPool:
         ready = [r for r in self.replicas if r.state == "ready"]
         busy = sum(r.in_flight for r in self.replicas)
         return {"queued": self.queued, "in_flight": busy, "ready": len(ready),
-                "utilisation": round(busy / len(ready), 3) if ready else 0.0}
+                "utilisation": round(busy / len(ready), 3) if ready else 0.0, **self.counters}

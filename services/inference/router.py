@@ -49,6 +49,7 @@ class Router:
         self.max_restarts = max_restarts
         self.pools: dict[str, ModelPool] = {}
         self.jobs: dict[str, _Job] = {}
+        self.cancelled = 0
         self._background: set[asyncio.Task] = set()
 
     async def start(self, make_actor: Callable[[ModelPool, int], Awaitable[Replica]]) -> None:
@@ -124,6 +125,7 @@ class Router:
             except Exception as exc:
                 if not _actor_died(exc) or attempt == ATTEMPTS:
                     raise
+                pool.counters["retried"] += 1
                 continue
             replica.tokens += out["completion_tokens"]
             return replica, out, attempt
@@ -171,7 +173,10 @@ class Router:
                 if not _actor_died(exc) or attempt == ATTEMPTS or len(sent) >= params["max_tokens"]:
                     raise
                 log.warning("stream migrated", extra={"request_id": request_id, "after_pieces": len(sent)})
+                pool.counters["migrated"] += 1
                 continue
+            if final.get("finish_reason") == "caller_gone":
+                pool.counters["abandoned"] += 1
             final["text"] = "".join(sent)
             final["completion_tokens"] = len(sent)
             replica.tokens += final["completion_tokens"]
@@ -196,9 +201,10 @@ class Router:
 
     def cancel(self, request_id: str) -> bool:
         job = self.jobs.get(request_id)
-        if job is None:
+        if job is None or job.cancelled:
             return False
         job.cancelled = True
+        self.cancelled += 1
         if job.replica is not None:
             job.replica.actor.abort.remote(request_id)
         return True
@@ -211,7 +217,7 @@ class Router:
         return [p.info() for p in self.pools.values()]
 
     def queue_stats(self) -> dict:
-        return {"models": {name: p.stats() for name, p in self.pools.items()}}
+        return {"models": {name: p.stats() for name, p in self.pools.items()}, "cancelled": self.cancelled}
 
     async def close(self) -> None:
         import ray

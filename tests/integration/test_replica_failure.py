@@ -9,6 +9,7 @@ import pytest
 
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply, StreamChunk
 from shared import bus
+from tests.integration.inference_stats import model_counter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -41,6 +42,7 @@ async def _busy_replica(nc):
 
 async def test_generation_survives_its_replica_being_killed(nc):
     before = await _wait_all_ready(nc)
+    retried = await model_counter(nc, MODEL, "retried")
     request = GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=400, temperature=0.0, seed=5)
     pending = asyncio.create_task(bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=120))
     victim = await _busy_replica(nc)
@@ -49,6 +51,7 @@ async def test_generation_survives_its_replica_being_killed(nc):
     reply = await pending
     assert reply.attempts == 2 and reply.replica != victim.replica
     assert reply.text and reply.usage.completion_tokens > 0
+    assert await model_counter(nc, MODEL, "retried") == retried + 1
     after = await _wait_all_ready(nc)
     assert after[victim.replica].pid != victim.pid
     assert after[victim.replica].restarts == before[victim.replica].restarts + 1
@@ -56,6 +59,7 @@ async def test_generation_survives_its_replica_being_killed(nc):
 
 async def test_a_stream_continues_on_another_replica_without_gaps_or_repeats(nc):
     await _wait_all_ready(nc)
+    migrated = await model_counter(nc, MODEL, "migrated")
     request = GenerateRequest(model=MODEL, prompt=PROMPT, max_tokens=80, temperature=0.0, seed=5, stream=True)
     chunks: list[StreamChunk] = []
     final = None
@@ -70,6 +74,7 @@ async def test_a_stream_continues_on_another_replica_without_gaps_or_repeats(nc)
             final = item
     assert killed is not None and final is not None
     assert final.attempts == 2
+    assert await model_counter(nc, MODEL, "migrated") == migrated + 1
     assert [c.seq for c in chunks] == list(range(len(chunks)))
     assert {c.replica for c in chunks[10:]} - {killed.replica}, "later chunks must come from another replica"
     assert "".join(c.text for c in chunks) == final.text

@@ -7,6 +7,7 @@ import pytest
 
 from protos.infer import CancelReply, GenerateReply, GenerateRequest, ModelsReply, StreamChunk
 from shared import bus
+from tests.integration.inference_stats import inference_stats, model_counter
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 
@@ -52,6 +53,7 @@ async def test_stream_to_a_named_subject(nc):
 
 
 async def test_cancel_stops_a_running_generation(nc):
+    cancelled_before = (await inference_stats(nc))["cancelled"]
     request = GenerateRequest(prompt=LONG, max_tokens=1500, temperature=0.0, stream=True, request_id="cancel-me-1")
     received = 0
     final = None
@@ -65,6 +67,7 @@ async def test_cancel_stops_a_running_generation(nc):
             final = item
     assert final.finish_reason == "cancelled"
     assert final.usage.completion_tokens < 100
+    assert (await inference_stats(nc))["cancelled"] == cancelled_before + 1
 
 
 async def test_cancel_of_an_unknown_request(nc):
@@ -73,6 +76,7 @@ async def test_cancel_of_an_unknown_request(nc):
 
 
 async def test_a_caller_that_goes_away_frees_the_replica(nc):
+    abandoned = await model_counter(nc, "smollm2-135m", "abandoned")
     request = GenerateRequest(role="fast", prompt=LONG, max_tokens=1500, temperature=0.0, stream=True)
     chunks, final = await _stream(nc, request, stop_after=3)
     assert final is None and len(chunks) == 3
@@ -81,6 +85,8 @@ async def test_a_caller_that_goes_away_frees_the_replica(nc):
         models = await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)
         busy = [r for m in models.models for r in m.replicas if r.in_flight]
         if not busy:
+            # Stopped because the caller left, not because the answer happened to end.
+            assert await model_counter(nc, "smollm2-135m", "abandoned") == abandoned + 1
             return
         await asyncio.sleep(0.1)
     pytest.fail(f"replicas still busy after the caller left: {busy}")

@@ -63,4 +63,5 @@ async def test_queued_requests_fail_when_the_last_replica_fails():
 async def test_stats_report_queue_and_utilisation():
     pool = _pool(["ready", "ready"])
     await pool.acquire()
-    assert pool.stats() == {"queued": 0, "in_flight": 1, "ready": 2, "utilisation": 0.5}
+    assert pool.stats() == {"queued": 0, "in_flight": 1, "ready": 2, "utilisation": 0.5,
+                            "retried": 0, "migrated": 0, "abandoned": 0}
