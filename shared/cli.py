@@ -162,9 +162,11 @@ def cmd_models(args) -> int:
 
     reply = asyncio.run(_call("magi.infer.models", b"{}", ModelsReply, 5))
     if not _emit(reply, args.json):
-        rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.in_flight, r.served, r.tokens_per_s]
+        rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.pid, r.restarts, r.in_flight, m.queued,
+                 r.served, r.tokens_per_s, f"{r.utilisation:.0%}", " ".join(r.shards) or "-"]
                 for m in reply.models for r in m.replicas]
-        print(render(["model", "roles", "replica", "node", "state", "in flight", "served", "tok/s"], rows))
+        print(render(["model", "roles", "replica", "node", "state", "pid", "restarts", "in flight", "queued",
+                      "served", "tok/s", "busy", "rpc shards"], rows))
     return 0
 
 
