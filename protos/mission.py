@@ -21,6 +21,8 @@ class MissionRequest(msgspec.Struct, kw_only=True):
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=2048)] = 96
     namespace: Namespace = "default"
     k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
+    # Each clone's result is published here (a `CloneResult`) as soon as it finishes, for progress.
+    progress_subject: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_$.-]*$", max_length=256)] = ""
 
 
 class CloneResult(msgspec.Struct, kw_only=True):

@@ -100,6 +100,17 @@ async def _call(subject: str, payload, reply_type, timeout: float):
         await nc.close()
 
 
+async def _mission_with_progress(request, timeout: float):
+    from shared.mission_client import clone_count, run_mission
+
+    progress(f"running mission with {clone_count(request)} clones")
+    nc = await bus.connect(load_settings())
+    try:
+        return await run_mission(nc, request, progress, timeout=timeout)
+    finally:
+        await nc.close()
+
+
 async def _stream_chat(request):
     """Print the answer as its tokens arrive; return the final reply (with usage and replica)."""
     from protos.infer import GenerateReply, StreamChunk
@@ -189,13 +200,12 @@ def print_mission(reply) -> None:
 
 
 def cmd_mission(args) -> int:
-    from protos.mission import MissionReply, MissionRequest
+    from protos.mission import MissionRequest
 
     request = MissionRequest(prompt=args.prompt, needs_deep_analysis=args.deep, variations=args.variation or [],
                              context_needed=args.context, consensus=args.strategy, max_tokens=args.max_tokens,
                              deadline_s=args.deadline)
-    progress(f"running mission with {int(args.deep or not args.variation) + len(args.variation or [])} clones")
-    reply = asyncio.run(_call("magi.mission.run", request, MissionReply, args.deadline + 5))
+    reply = asyncio.run(_mission_with_progress(request, args.deadline + 5))
     if not _emit(reply, args.json):
         print_mission(reply)
     return 0

@@ -9,6 +9,7 @@ from protos.memory import UpsertReply, UpsertRequest
 from protos.mission import MissionReply
 from shared import bus, demo, stack
 from shared.config import Settings
+from shared.mission_client import clone_count, run_mission
 
 
 async def _mission(settings: Settings, progress) -> tuple[MissionReply, ConsensusRecord]:
@@ -17,8 +18,8 @@ async def _mission(settings: Settings, progress) -> tuple[MissionReply, Consensu
         progress(f"seeding memory with {len(demo.DOCUMENTS)} documents")
         await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=demo.documents()), UpsertReply, timeout=60)
         mission = demo.mission()
-        progress(f"mission: {mission.prompt!r} with {1 + len(mission.variations)} clones")
-        reply = await bus.request(nc, "magi.mission.run", mission, MissionReply, timeout=mission.deadline_s + 5)
+        progress(f"mission: {mission.prompt!r} with {clone_count(mission)} clones")
+        reply = await run_mission(nc, mission, progress, timeout=mission.deadline_s + 5)
         record = await bus.request(nc, "magi.consensus.get", GetRequest(id=reply.consensus.id), ConsensusRecord, timeout=10)
         return reply, record
     finally:

@@ -7,6 +7,7 @@ import logging
 import time
 import uuid
 
+import msgspec
 from nats.aio.client import Client
 
 from protos.consensus import ConsensusRecord, DecideRequest, Vote
@@ -21,8 +22,9 @@ from shared.errors import DeadlineExceeded, MagiError, Unprocessable, translate
 from shared.service import MagiService, RequestContext
 from shared.telemetry import current_trace_id, tracer
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
 log = logging.getLogger("magi.orchestrator")
+_encoder = msgspec.json.Encoder()
 
 
 def _ms(since: float) -> float:
@@ -94,6 +96,8 @@ class Orchestrator:
             result.text, result.model, result.node, result.replica = reply.text, reply.model, reply.node, reply.replica
             result.completion_tokens = reply.usage.completion_tokens
         result.latency_ms = _ms(t0)
+        if mission.progress_subject:
+            await self.nc.publish(mission.progress_subject, _encoder.encode(result))
         return result
 
     async def _decide(self, mission: MissionRequest, mission_id: str, clones, deadline: float) -> ConsensusRecord:

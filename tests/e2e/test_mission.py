@@ -57,6 +57,22 @@ async def _assert_trace_crosses_services(home: Path, trace_id: str) -> None:
     assert wanted <= seen, f"trace {trace_id} seen only in {seen}"
 
 
+async def test_each_clone_is_reported_as_it_finishes(nc):
+    from protos.mission import CloneResult
+    from shared.mission_client import run_mission
+
+    seen: list[str] = []
+    mission = MissionRequest(prompt="Name a planet.", variations=["in one word", "in one line"], max_tokens=16)
+    reply = await run_mission(nc, mission, seen.append, timeout=120)
+    assert len(seen) == 2 and all("[" in line for line in seen)
+    sub = await nc.subscribe(nc.new_inbox())
+    mission.progress_subject = sub.subject
+    reply = await bus.request(nc, "magi.mission.run", mission, MissionReply, timeout=120)
+    events = [msgspec.json.decode((await sub.next_msg(5)).data, type=CloneResult) for _ in reply.clones]
+    assert sorted(e.clone_id for e in events) == sorted(c.clone_id for c in reply.clones)
+    assert {e.clone_id: e.text for e in events} == {c.clone_id: c.text for c in reply.clones}
+
+
 async def test_mission_without_clones_asked_runs_one_deep_clone(nc):
     reply = await bus.request(nc, "magi.mission.run", MissionRequest(prompt="Say hello.", max_tokens=8),
                               MissionReply, timeout=60)
