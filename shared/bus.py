@@ -53,8 +53,8 @@ async def stream_request(nc: Client, subject: str, payload: msgspec.Struct | dic
                          *, timeout: float) -> AsyncIterator[object]:
     """Send a streamed request and yield each chunk (`chunk_type`) as it comes, then the final reply.
 
-    `timeout` bounds the wait for each next message, not the whole stream. Leaving the loop early
-    unsubscribes, which the service notices (no responders) and stops generating.
+    `timeout` bounds the wait for each next message, not the whole stream. Closing the generator early
+    (`contextlib.aclosing`) unsubscribes, which the service notices (no responders) and stops generating.
     """
     inbox = nc.new_inbox()
     sub = await nc.subscribe(inbox)
@@ -76,4 +76,5 @@ async def stream_request(nc: Client, subject: str, payload: msgspec.Struct | dic
             yield _decoder(reply_type).decode(msg.data)
             return
     finally:
-        await sub.unsubscribe()
+        if not nc.is_closed:  # a caller may close the connection before closing this generator
+            await sub.unsubscribe()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import textwrap
@@ -117,12 +118,14 @@ async def _stream_chat(request):
 
     nc = await bus.connect(load_settings())
     try:
-        async for item in bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=120):
-            if isinstance(item, StreamChunk):
-                print(item.text, end="", flush=True)
-            else:
-                print()
-                return item
+        stream = bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=120)
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, StreamChunk):
+                    print(item.text, end="", flush=True)
+                else:
+                    print()
+                    return item
     finally:
         await nc.close()
 

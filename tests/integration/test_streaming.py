@@ -1,6 +1,7 @@
 """Streamed generation, cancellation and a caller that goes away, against the real stack and model."""
 
 import asyncio
+import contextlib
 
 import msgspec
 import pytest
@@ -17,13 +18,15 @@ LONG = "Count from 1 to 500, one number per line."
 async def _stream(nc, request: GenerateRequest, stop_after: int | None = None):
     chunks: list[StreamChunk] = []
     final = None
-    async for item in bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=60):
-        if isinstance(item, StreamChunk):
-            chunks.append(item)
-            if stop_after is not None and len(chunks) >= stop_after:
-                break
-        else:
-            final = item
+    stream = bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=60)
+    async with contextlib.aclosing(stream):  # leaving early unsubscribes at once: the caller is gone
+        async for item in stream:
+            if isinstance(item, StreamChunk):
+                chunks.append(item)
+                if stop_after is not None and len(chunks) >= stop_after:
+                    break
+            else:
+                final = item
     return chunks, final
 
 
