@@ -74,6 +74,7 @@ class ReplicaFactory:
         self.settings = settings
         self.nc = nc
         self.max_restarts = max_restarts
+        self._generation: dict[str, int] = {}  # a rebuilt replica's actor needs a name of its own
 
     async def __call__(self, pool: ModelPool, index: int) -> Replica:
         replica_id = f"{pool.spec.name}/{index}"
@@ -84,8 +85,9 @@ class ReplicaFactory:
         for node in set(nodes):
             _require_ray_node(node)
         shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
+        generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
         actor = self._replica_class().options(
-            name=f"replica:{replica_id}",
+            name=f"replica:{replica_id}" + (f"#{generation}" if generation else ""),
             num_cpus=0,  # llama.cpp threads are sized by the catalogue, not by Ray's CPU accounting
             num_gpus=1 if pool.spec.backend == "vllm" else 0,
             resources={node_resource(nodes[0]): 0.001},

@@ -51,9 +51,11 @@ class Router:
         self.jobs: dict[str, _Job] = {}
         self.cancelled = 0
         self._background: set[asyncio.Task] = set()
+        self._make: Callable[[ModelPool, int], Awaitable[Replica]] | None = None
 
     async def start(self, make_actor: Callable[[ModelPool, int], Awaitable[Replica]]) -> None:
         """Create every replica with `make_actor(pool, index)`, then wait until each one has really generated."""
+        self._make = make_actor
         for spec in self.catalog.models:
             path = str(resolve_model(spec))
             pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=path)
@@ -82,9 +84,28 @@ class Router:
         replica.state, replica.pid = ("restarting", 0) if replica.restarts <= self.max_restarts else ("failed", 0)
         log.warning("replica died", extra={"replica": replica.replica_id, "restarts": replica.restarts})
         if replica.state == "restarting":
-            task = asyncio.create_task(self._warm(pool, replica))
+            # A sharded replica usually died because a shard did (llama.cpp aborts on a lost RPC peer),
+            # and Ray would restart it against the same dead endpoint: rebuild the whole gang instead.
+            recover = self._rebuild(pool, replica) if replica.shard_actors else self._warm(pool, replica)
+            task = asyncio.create_task(recover)
             self._background.add(task)
             task.add_done_callback(self._background.discard)
+
+    async def _rebuild(self, pool: ModelPool, replica: Replica) -> None:
+        import ray
+
+        for actor in [replica.actor, *replica.shard_actors]:
+            ray.kill(actor, no_restart=True)
+        try:
+            fresh = await self._make(pool, int(replica.replica_id.rsplit("/", 1)[1]))
+        except Exception:
+            replica.state = "failed"
+            log.exception("could not rebuild sharded replica", extra={"replica": replica.replica_id})
+            await pool.notify()
+            return
+        replica.actor, replica.shards, replica.shard_actors, replica.node = (
+            fresh.actor, fresh.shards, fresh.shard_actors, fresh.node)
+        await self._warm(pool, replica)
 
     def resolve(self, model: str, role: str | None, *, embedding: bool = False) -> ModelPool:
         if model:

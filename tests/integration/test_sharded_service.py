@@ -65,3 +65,42 @@ def test_shard_servers_listen_on_loopback_only(sharded_stack):
     assert shard_pids & {c.pid for c in listeners}, "the RPC shards should be listening"
     exposed = [(c.pid, c.laddr.ip, c.laddr.port) for c in listeners if not is_loopback(c.laddr.ip)]
     assert not exposed, f"listening beyond loopback: {exposed}"
+
+
+async def test_a_dead_shard_is_survived_or_a_structured_error_and_the_gang_is_rebuilt(nc):
+    import asyncio
+    import os
+    import signal
+    import time
+
+    import psutil
+
+    from shared.errors import MagiError
+
+    before = {m.name: m for m in (await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)).models}
+    old_shards = set(before["sharded"].replicas[0].shards)
+    shards = [p for p in psutil.process_iter(["cmdline"]) if "RpcShard" in " ".join(p.info["cmdline"] or [])]
+    assert len(shards) == 2
+    request = GenerateRequest(model="sharded", prompt="Write a long story about the sea.", max_tokens=300,
+                              temperature=0.0, timeout_s=60)
+    pending = asyncio.create_task(bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=90))
+    await asyncio.sleep(1.0)
+    os.kill(shards[0].pid, signal.SIGKILL)
+    started = time.monotonic()
+    try:
+        reply = await pending
+        assert reply.attempts == 2 and reply.text  # finished on the rebuilt gang
+    except MagiError as exc:
+        assert exc.code in (503, 504)
+    assert time.monotonic() - started < 65
+    for _ in range(240):
+        models = {m.name: m for m in (await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)).models}
+        replica = models["sharded"].replicas[0]
+        if replica.state == "ready" and replica.shards:
+            break
+        await asyncio.sleep(0.25)
+    assert replica.state == "ready" and len(replica.shards) == 2 and not set(replica.shards) & old_shards
+    answers = [await bus.request(nc, "magi.infer.generate", GenerateRequest(
+        model=name, prompt="Name a fast animal.", max_tokens=16, temperature=0.0, seed=1), GenerateReply, timeout=120)
+        for name in ("whole", "sharded")]
+    assert answers[0].text == answers[1].text
