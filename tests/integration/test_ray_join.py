@@ -17,8 +17,13 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 REPO = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")),
-                    reason="needs root, unshare(1) and ip(8)")
+def _can_make_network_namespaces() -> bool:
+    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
+        return False
+    return subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0
+
+
+@pytest.mark.skipif(not _can_make_network_namespaces(), reason="needs root, unshare(1), ip(8) and network namespaces")
 def test_agent_ray_worker_joins_and_hosts_pinned_actors(tmp_path):
     temp = f"/tmp/magi-rayjoin-{os.getpid()}"  # short: Ray's unix socket paths must fit 107 bytes
     env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MAGI_"))}
