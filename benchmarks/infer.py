@@ -8,12 +8,10 @@ from __future__ import annotations
 
 import time
 
-import nats
-
 from protos.infer import GenerateReply, GenerateRequest
 from services.inference.catalog import default_catalog, resolve_source, threads_for
 from services.inference.engine import GenerateParams, LlamaCppEngine
-from shared import bus
+from shared import bus, stack
 
 PROMPTS = [
     "Explain how a cluster scheduler decides where to run a job.",
@@ -26,13 +24,13 @@ PROMPTS = [
 MAX_TOKENS = 96
 
 
-async def measure_tokens_per_s(nats_url: str, rounds: int = 2, progress=lambda _m: None) -> dict[str, float]:
+async def measure_tokens_per_s(home: str, nats_url: str, rounds: int = 2, progress=lambda _m: None) -> dict[str, float]:
     catalog = default_catalog()
     spec = catalog.models[0]
     threads = threads_for(spec, catalog)
     engine = LlamaCppEngine(resolve_source(spec.source), n_ctx=spec.n_ctx, threads=threads)
     engine.load()
-    nc = await nats.connect(nats_url)
+    nc = await stack.connect_as(home, nats_url)
     direct = {"tokens": 0, "s": 0.0}
     magi = {"tokens": 0, "s": 0.0}
     try:

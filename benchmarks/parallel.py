@@ -14,7 +14,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import nats
 import yaml
 
 from benchmarks.infer import PROMPTS
@@ -62,7 +61,7 @@ async def _timed_burst(replicas: int, progress) -> tuple[float, int]:
                                 extra_env={"MAGI_MODELS_FILE": str(models_file)})
         state = await stack.up(cfg, progress)
         try:
-            nc = await nats.connect(state.nats_url)
+            nc = await stack.connect_as(state.home, state.nats_url)
             try:
                 # One untimed request per replica, so no replica's first real call is in the measurement.
                 await asyncio.gather(*(_generate(nc, BENCH_PROMPTS[0]) for _ in range(replicas)))

@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from benchmarks.bus import measure_hop
+from benchmarks.bus import measure_auth_overhead, measure_hop
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.parallel import measure_parallel_speedup
@@ -34,8 +34,8 @@ async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
     try:
         metrics: dict[str, float] = {}
         progress("bus round trips")
-        metrics.update(await measure_hop(state.nats_url, hop_n))
-        metrics.update(await measure_tokens_per_s(state.nats_url, rounds, progress))
+        metrics.update(await measure_hop(state.home, state.nats_url, hop_n))
+        metrics.update(await measure_tokens_per_s(state.home, state.nats_url, rounds, progress))
         return metrics
     finally:
         stack.down(home, progress)
@@ -53,6 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     progress("failover (kill -9 of an agent)")
     metrics.update(asyncio.run(measure_failover()))
     metrics.update(asyncio.run(_run(Path(args.home).resolve(), args.rounds, args.hop_requests)))
+    progress("bus round trips with TLS + nkey credentials vs neither")
+    metrics.update(asyncio.run(measure_auth_overhead(args.hop_requests)))
     progress("10 generations over N replicas vs 1 replica")
     metrics.update(asyncio.run(measure_parallel_speedup(progress)))
     progress("two llama.cpp RPC shards on loopback vs the unsharded model")

@@ -26,7 +26,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.sched.place": (sched.PlaceRequest, sched.PlaceReply),
     "magi.sched.release": (sched.ReleaseRequest, sched.ReleaseReply),
     "magi.sched.drain": (sched.DrainRequest, sched.DrainReply),
-    "magi.sched.assignments": (sched.AssignmentsRequest, sched.AssignmentsReply),
+    "magi.sched.assignments.<node>": (sched.AssignmentsRequest, sched.AssignmentsReply),
     "magi.node.<node>.heartbeat": (node.Heartbeat, None),
     "magi.node.<node>.info": (common.Empty, node.Heartbeat),
     "error": (common.ErrorReply, None),

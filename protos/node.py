@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -17,11 +17,13 @@ class InstanceStatus(msgspec.Struct, kw_only=True):
     """One instance as its node's agent sees it."""
 
     instance_id: str
-    state: Literal["starting", "running", "reserved", "backoff", "crashloop", "exited", "failed"]
+    # refused: the node's agent policy does not allow it (see `reason`); it is never started there.
+    state: Literal["starting", "running", "reserved", "backoff", "crashloop", "exited", "failed", "refused"]
     epoch: int = 0
     pid: int | None = None
     restarts: int = 0
     exit_code: int | None = None
+    reason: str = ""
 
 
 class Heartbeat(msgspec.Struct, kw_only=True):
@@ -43,7 +45,9 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     instances: list[InstanceStatus] = []
     health: Health = "HEALTHY"
     labels: dict[str, str] = {}
-    interval_s: float = 0.0  # the agent's heartbeat interval; 0: the scheduler's own setting applies
+    # The agent's heartbeat interval; 0: the scheduler's own setting applies. Bounded, so no agent can
+    # claim an interval that postpones its failover forever.
+    interval_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
 
 
 class NodeState(msgspec.Struct, kw_only=True):

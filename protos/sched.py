@@ -69,7 +69,7 @@ class DrainReply(msgspec.Struct, kw_only=True):
 
 
 class AssignmentsRequest(msgspec.Struct, kw_only=True):
-    """`magi.sched.assignments`: what a node's agent should be running now."""
+    """`magi.sched.assignments.<node>`: what a node's agent should be running now (only that node's agent may ask)."""
 
     node: Name
 
@@ -86,5 +86,5 @@ class PlacementRecord(msgspec.Struct, kw_only=True):
     spec: InstanceSpec
     node: str  # "" while pending: its node failed and no other node fits yet
     epoch: int
-    state: Literal["placed", "pending", "crashloop"] = "placed"
+    state: Literal["placed", "pending", "crashloop", "refused"] = "placed"
     reason: str = ""

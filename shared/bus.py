@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import logging
+import re
+import time
 from typing import AsyncIterator, TypeVar
 
 import msgspec
@@ -11,9 +14,17 @@ from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
 from shared import errors
 from shared.config import Settings
+from shared.natsauth import connect_options
 from shared.telemetry import inject_headers
 
 T = TypeVar("T")
+log = logging.getLogger("magi.bus")
+
+# nats-server reports a refused publish asynchronously ("Permissions Violation for Publish to ..."), and
+# the request then just times out. Remembering the refusal lets that timeout say what really happened.
+_VIOLATION = re.compile(r'permissions violation for (?P<kind>publish|subscription) to "?(?P<subject>[^"\s]+)"?',
+                        re.IGNORECASE)
+_violations: dict[str, float] = {}
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder] = {}
@@ -26,10 +37,34 @@ def _decoder(reply_type: type[T]) -> msgspec.json.Decoder:
     return decoder
 
 
-async def connect(settings: Settings, name: str = "magi-client") -> Client:
+async def on_error(exc: Exception) -> None:
+    """nats-py's error callback: one log line per problem, never a traceback per retry."""
+    found = _VIOLATION.search(str(exc))
+    if found:
+        subject = found.group("subject")  # nats-py lowercases the server's message
+        if time.monotonic() - _violations.get(subject, -60.0) > 60.0:
+            log.warning("permission denied by nats-server", extra={"action": found.group("kind").lower(),
+                                                                  "subject": subject})
+        _violations[subject] = time.monotonic()
+        return
+    log.warning("bus error", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+
+
+def refused(subject: str, within_s: float = 120.0) -> bool:
+    """Whether nats-server recently refused this process a publish or subscription on `subject`."""
+    return time.monotonic() - _violations.get(subject.lower(), -1e9) < within_s
+
+
+async def connect(settings: Settings, name: str = "magi-client", role: str = "admin") -> Client:
+    """A short-lived client connection as `role` (its credentials, inbox space and TLS from settings)."""
     try:
-        return await nats.connect(settings.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=3)
+        return await nats.connect(settings.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=3,
+                                  error_cb=on_error, **connect_options(settings, role))
     except Exception as exc:
+        error = errors.translate(exc)
+        if error.code == 403:
+            raise errors.Forbidden(f"NATS at {settings.nats_url} refused the {role!r} credentials "
+                                   "(MAGI_NATS_CREDS, or $MAGI_HOME/secrets/nats/)") from None
         raise errors.Unavailable(f"cannot reach NATS at {settings.nats_url} (is the stack up? `magi up`)") from exc
 
 
@@ -39,6 +74,8 @@ async def request(nc: Client, subject: str, payload: msgspec.Struct | dict | byt
     try:
         msg = await nc.request(subject, data, timeout=timeout, headers=inject_headers())
     except Exception as exc:
+        if refused(subject):
+            raise errors.Forbidden(f"this identity may not publish to {subject}") from None
         raise errors.translate(exc) from None
     headers = msg.headers or {}
     if ERROR_CODE_HEADER in headers:

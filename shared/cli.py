@@ -15,6 +15,7 @@ import msgspec
 from shared import bus, stack
 from shared.config import load_settings
 from shared.errors import MagiError
+from shared.roles import ROLES
 from shared.table import render
 
 
@@ -29,6 +30,14 @@ def _settings(args):
     return settings
 
 
+# The bus identity of this invocation (`--role`, default admin), set once in main().
+_CONTEXT: dict = {"settings": None, "role": "admin"}
+
+
+async def _connect():
+    return await bus.connect(_CONTEXT["settings"] or load_settings(), role=_CONTEXT["role"])
+
+
 def _emit(obj, as_json: bool) -> bool:
     if as_json:
         print(msgspec.json.format(msgspec.json.encode(obj)).decode())
@@ -39,7 +48,8 @@ def _emit(obj, as_json: bool) -> bool:
 
 def cmd_up(args) -> int:
     settings = _settings(args)
-    cfg = stack.StackConfig.from_settings(settings, nats_port=args.nats_port, redis_port=args.redis_port)
+    cfg = stack.StackConfig.from_settings(settings, nats_port=args.nats_port, redis_port=args.redis_port,
+                                          tls=args.tls or None)
     state = asyncio.run(stack.up(cfg, progress))
     print(f"MAGI is up: NATS {state.nats_url}, logs in {cfg.home / 'logs'}")
     if state.nats_url != settings.nats_url:
@@ -56,8 +66,8 @@ def cmd_down(args) -> int:
     return 0
 
 
-async def _ping_services(settings) -> dict[str, dict]:
-    nc = await bus.connect(settings)
+async def _ping_services() -> dict[str, dict]:
+    nc = await _connect()
     try:
         replies = {}
         sub = await nc.subscribe(nc.new_inbox())
@@ -81,7 +91,7 @@ def cmd_status(args) -> int:
     if rows:
         print(render(["component", "pid", "state"], rows))
     try:
-        services = asyncio.run(_ping_services(settings))
+        services = asyncio.run(_ping_services())
     except MagiError as exc:
         print(exc.message)
         return 1
@@ -93,8 +103,7 @@ def cmd_status(args) -> int:
 # ---- requests --------------------------------------------------------------------------------------
 
 async def _call(subject: str, payload, reply_type, timeout: float):
-    settings = load_settings()
-    nc = await bus.connect(settings)
+    nc = await _connect()
     try:
         return await bus.request(nc, subject, payload, reply_type, timeout=timeout)
     finally:
@@ -105,7 +114,7 @@ async def _mission_with_progress(request, timeout: float):
     from shared.mission_client import clone_count, run_mission
 
     progress(f"running mission with {clone_count(request)} clones")
-    nc = await bus.connect(load_settings())
+    nc = await _connect()
     try:
         return await run_mission(nc, request, progress, timeout=timeout)
     finally:
@@ -116,7 +125,7 @@ async def _stream_chat(request):
     """Print the answer as its tokens arrive; return the final reply (with usage and replica)."""
     from protos.infer import GenerateReply, StreamChunk
 
-    nc = await bus.connect(load_settings())
+    nc = await _connect()
     try:
         stream = bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=120)
         async with contextlib.aclosing(stream):
@@ -131,13 +140,14 @@ async def _stream_chat(request):
 
 
 async def _raw_request(subject: str, payload: bytes, timeout: float):
-    settings = load_settings()
-    nc = await bus.connect(settings)
+    nc = await _connect()
     try:
         return await nc.request(subject, payload, timeout=timeout)
     except Exception as exc:
-        from shared.errors import translate
+        from shared.errors import Forbidden, translate
 
+        if bus.refused(subject):
+            raise Forbidden(f"the {_CONTEXT['role']!r} identity may not publish to {subject}") from None
         raise translate(exc) from None
     finally:
         await nc.close()
@@ -224,7 +234,7 @@ def cmd_chat(args) -> int:
         if not text:
             return 0
         history.append(ChatMessage(role="user", content=text))
-        request = GenerateRequest(model=args.model, role=args.role, messages=history, max_tokens=args.max_tokens,
+        request = GenerateRequest(model=args.model, role=args.model_role, messages=history, max_tokens=args.max_tokens,
                                   stream=True)
         reply = asyncio.run(_stream_chat(request))
         history.append(ChatMessage(role="assistant", content=reply.text))
@@ -347,11 +357,15 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help_)
         p.set_defaults(func=func)
         p.add_argument("--home", help="state directory (default MAGI_HOME or .magi)")
+        p.add_argument("--role", dest="bus_role", default="admin", choices=[r for r in ROLES if r != "agent"],
+                       help="bus identity to connect as (default admin; its seed: MAGI_NATS_CREDS or "
+                            "$MAGI_HOME/secrets/nats/<role>.nk)")
         return p
 
     p = add("up", cmd_up, "start the local stack (NATS, Redis, PostgreSQL, every service)")
     p.add_argument("--nats-port", type=int)
     p.add_argument("--redis-port", type=int)
+    p.add_argument("--tls", action="store_true", help="clients must use TLS (CA in $MAGI_HOME/secrets/tls/ca.pem)")
     add("down", cmd_down, "stop the local stack")
     add("status", cmd_status, "stack processes and the services answering $SRV.PING")
     for name, func, help_ in (("nodes", cmd_nodes, "nodes the scheduler knows"), ("models", cmd_models, "models and replicas")):
@@ -386,7 +400,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("chat", cmd_chat, "chat with a model (one prompt, or interactive)")
     p.add_argument("prompt", nargs="?")
     p.add_argument("--model", default="")
-    p.add_argument("--role", default="heavy", choices=["heavy", "fast"])
+    p.add_argument("--model-role", default="heavy", choices=["heavy", "fast"])
     p.add_argument("--max-tokens", type=int, default=128)
     p = add("memory", cmd_memory, "add documents to memory or search it")
     p.add_argument("action", choices=["add", "search"])
@@ -403,6 +417,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _CONTEXT.update(settings=_settings(args), role=args.bus_role)
     try:
         return args.func(args)
     except MagiError as exc:

@@ -33,6 +33,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # This node's address on the private cluster network: Ray workers and llama.cpp RPC shards bind here.
     cluster_address: str = "127.0.0.1"
     ray_join: str = ""  # HEAD:PORT of a Ray cluster this node's agent joins (worker nodes only)
+    # This process's NATS nkey seed file; empty: `$MAGI_HOME/secrets/nats/<role>.nk` (the local stack's).
+    nats_creds: str = ""
+    agent_policy: str = ""  # what instances may run on this node; empty: /etc/magi/agent.yaml if any, else nothing
+    nats_ca: str = ""  # CA that signed the NATS servers' certificates; empty: `$MAGI_HOME/secrets/tls/ca.pem` if any
 
     @property
     def home_path(self) -> Path:
@@ -59,6 +63,9 @@ _ENV = {
     "cluster_file": "MAGI_CLUSTER_FILE",
     "cluster_address": "MAGI_CLUSTER_ADDRESS",
     "ray_join": "MAGI_RAY_JOIN",
+    "nats_creds": "MAGI_NATS_CREDS",
+    "nats_ca": "MAGI_NATS_CA",
+    "agent_policy": "MAGI_AGENT_POLICY",
 }
 
 

@@ -13,7 +13,7 @@ from shared.mission_client import clone_count, run_mission
 
 
 async def _mission(settings: Settings, progress) -> tuple[MissionReply, ConsensusRecord]:
-    nc = await bus.connect(settings)
+    nc = await bus.connect(settings, role="client")  # the demo is a user: it needs nothing more
     try:
         progress(f"seeding memory with {len(demo.DOCUMENTS)} documents")
         await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=demo.documents()), UpsertReply, timeout=60)

@@ -37,6 +37,12 @@ class BadRequest(MagiError):
     code, kind = 400, "bad_request"
 
 
+class Forbidden(MagiError):
+    """The caller's bus identity may not do this (nats-server refused the publish or the credentials)."""
+
+    code, kind = 403, "forbidden"
+
+
 class NotFound(MagiError):
     code, kind = 404, "not_found"
 
@@ -69,7 +75,7 @@ class StackError(MagiError):
     code, kind = 500, "stack"
 
 
-_BY_CODE = {cls.code: cls for cls in (BadRequest, NotFound, PayloadTooLarge, Unprocessable, Unavailable, DeadlineExceeded)}
+_BY_CODE = {cls.code: cls for cls in (BadRequest, Forbidden, NotFound, PayloadTooLarge, Unprocessable, Unavailable, DeadlineExceeded)}
 
 _AT_PATH = re.compile(r"at `\$(?P<path>[^`]*)`")
 _MISSING = re.compile(r"missing required field `(?P<name>[^`]+)`")
@@ -115,6 +121,8 @@ def translate(exc: BaseException) -> MagiError:
     module = _module(exc)
     name = type(exc).__name__
     if module.startswith("nats"):
+        if name == "AuthorizationError" or "Authorization Violation" in str(exc):
+            return Forbidden("NATS refused this identity's credentials (see MAGI_NATS_CREDS)")
         if name in ("NoRespondersError",):
             return Unavailable("no service is answering on that subject")
         if name in ("TimeoutError",):

@@ -4,6 +4,7 @@ NATS + Redis: for failover tests and the failover benchmark."""
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -11,12 +12,11 @@ import sys
 import time
 from pathlib import Path
 
-import nats
-
 from protos.node import NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
 from shared import bus, stack
 from shared.procs import free_port, stop_tree
+from shared.roles import agent_identity
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]
 
@@ -31,17 +31,25 @@ class LocalCluster:
 
     async def up(self) -> None:
         self.state = await stack.up(self.cfg)
-        self.nc = await nats.connect(self.state.nats_url)
+        # The agents may run this Python (the test and benchmark instances), nothing else.
+        self.policy = self.cfg.home / "agent.yaml"
+        self.policy.write_text(f"programs: [{json.dumps(sys.executable)}]\n")
+        self.nc = await stack.connect_as(self.cfg.home, self.state.nats_url)
 
     def env(self, node: str = "") -> dict[str, str]:
+        # Each process has a home of its own, so it is told its identity's seed file outright.
+        seed = self.cfg.secrets / f"{agent_identity(node) if node else 'scheduler'}.nk"
         env = dict(os.environ, MAGI_NATS_URL=self.state.nats_url, MAGI_REDIS_URL=self.state.redis_url,
-                   MAGI_HOME=str(self.cfg.home / (node or "sched")), MAGI_HEARTBEAT_S=str(self.heartbeat_s))
+                   MAGI_HOME=str(self.cfg.home / (node or "sched")), MAGI_HEARTBEAT_S=str(self.heartbeat_s),
+                   MAGI_NATS_CREDS=str(seed), MAGI_AGENT_POLICY=str(self.policy))
         if node:
             env["MAGI_NODE_NAME"] = node
             env["MAGI_NODE_LABELS"] = "max_instances=4"
         return env
 
     async def start(self, key: str, module: str, node: str = "") -> None:
+        if node:
+            await stack.add_agent(self.cfg, self.state, node)
         log = open(self.cfg.home / f"{key}.log", "ab")
         self.procs[key] = subprocess.Popen([sys.executable, "-m", module], env=self.env(node), stdout=log,
                                            stderr=subprocess.STDOUT, start_new_session=True)

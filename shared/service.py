@@ -25,8 +25,9 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service, ServiceConfig
 
-from shared import errors
+from shared import bus, errors
 from shared.config import Settings
+from shared.natsauth import connect_options
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("magi.service")
@@ -72,8 +73,9 @@ async def respond_error(request: Request, error: errors.MagiError) -> None:
 class MagiService:
     """A NATS micro service with typed endpoints; see the module docstring for what each endpoint does."""
 
-    def __init__(self, name: str, version: str, description: str, settings: Settings) -> None:
+    def __init__(self, name: str, version: str, description: str, settings: Settings, *, identity: str = "") -> None:
         self.name = name
+        self.identity = identity or name.removeprefix("magi-")  # its bus role (shared.roles)
         self.version = version
         self.description = description
         self.settings = settings
@@ -92,6 +94,8 @@ class MagiService:
             name=self.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
+            error_cb=bus.on_error,
+            **connect_options(self.settings, self.identity),
         )
         return self.nc
 

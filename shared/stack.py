@@ -10,6 +10,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -22,9 +23,12 @@ from urllib.parse import urlparse
 import msgspec
 import psutil
 
+from shared import natsauth, pki
 from shared.config import Settings
 from shared.errors import StackError
+from shared.natsconf import Tls, server_config
 from shared.procs import pid_alive, require_free, stop_tree, tail_hint, wait_tcp
+from shared.roles import SERVICE_ROLES, USER_ROLES, agent_identity
 
 log = logging.getLogger("magi.stack")
 
@@ -58,6 +62,8 @@ class StackConfig:
     node_name: str = ""
     services: tuple[str, ...] = SERVICES
     extra_env: dict[str, str] = field(default_factory=dict)
+    tls: bool = False  # clients must speak TLS to NATS (a CA and certificate under secrets/tls)
+    agents: tuple[str, ...] = ()  # nodes whose agents get credentials up front (the local node's always does)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "StackConfig":
@@ -74,6 +80,13 @@ class StackConfig:
     @property
     def redis_url(self) -> str:
         return f"redis://127.0.0.1:{self.redis_port}/0"
+
+    @property
+    def secrets(self) -> Path:
+        return self.home / "secrets" / "nats"
+
+    def node(self) -> str:
+        return self.node_name or socket.gethostname()
 
     @property
     def state_file(self) -> Path:
@@ -99,19 +112,77 @@ def _spawn(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str] | N
                             env=env, cwd=os.getcwd(), start_new_session=True)
 
 
-def _start_nats(cfg: StackConfig) -> psutil.Popen:
-    require_free(cfg.nats_port, "NATS", "set MAGI_NATS_URL (e.g. nats://127.0.0.1:4223) or pass --nats-port")
+def ensure_credentials(cfg: StackConfig, agents: list[str] = ()) -> None:
+    """One nkey seed per role, and one per agent node, under `$MAGI_HOME/secrets/nats` (created once)."""
+    for identity in (*SERVICE_ROLES, *USER_ROLES, *(agent_identity(n) for n in agents)):
+        natsauth.ensure_seed(cfg.secrets, identity)
+
+
+def _tls(cfg: StackConfig) -> Tls | None:
+    if not cfg.tls:
+        return None
+    tls_dir = cfg.home / "secrets" / "tls"
+    cert, key = tls_dir / "nats.pem", tls_dir / "nats-key.pem"
+    if not cert.exists():
+        pki.issue(tls_dir, tls_dir, "nats", ["127.0.0.1", "localhost"])
+    return Tls(cert=cert, key=key, ca=tls_dir / "ca.pem")
+
+
+def write_nats_config(cfg: StackConfig) -> Path:
     store = cfg.home / "nats"
     store.mkdir(parents=True, exist_ok=True)
     conf = store / "nats.conf"
-    conf.write_text(
-        f'listen: "127.0.0.1:{cfg.nats_port}"\n'
-        "max_payload: 1MB\n"
-        f'jetstream {{\n  store_dir: "{store / "jetstream"}"\n  sync_interval: always\n}}\n'
-    )
-    proc = _spawn(cfg, "nats", [_bin("nats-server"), "-c", str(conf)])
+    conf.write_text(server_config(listen=f"127.0.0.1:{cfg.nats_port}", store_dir=store / "jetstream",
+                                  users=natsauth.users(cfg.secrets), tls=_tls(cfg)))
+    return conf
+
+
+def spawn_nats(home: Path, conf: Path, name: str = "nats") -> psutil.Popen:
+    return _spawn(StackConfig(home=home), name, [_bin("nats-server"), "-c", str(conf)])
+
+
+def start_nats(cfg: StackConfig) -> psutil.Popen:
+    """nats-server with the stack's credentials (created on first start) and, if asked, TLS."""
+    require_free(cfg.nats_port, "NATS", "set MAGI_NATS_URL (e.g. nats://127.0.0.1:4223) or pass --nats-port")
+    ensure_credentials(cfg, [*cfg.agents, *([cfg.node()] if "agent" in cfg.services else [])])
+    proc = spawn_nats(cfg.home, write_nats_config(cfg))
     wait_tcp(cfg.nats_port, 15, proc, cfg.log_file("nats"))
     return proc
+
+
+async def add_agent(cfg: StackConfig, state: StackState, node: str) -> Path:
+    """Credentials for one more node's agent: a new user in nats.conf, applied by a config reload.
+
+    Returns the seed file. Connections already open stay up (nats-server reloads authorization live).
+    """
+    ensure_credentials(cfg, [node])
+    seed = cfg.secrets / f"{agent_identity(node)}.nk"
+    write_nats_config(cfg)
+    nats_pid = next(c.pid for c in state.components if c.name == "nats")
+    os.kill(nats_pid, signal.SIGHUP)
+    await _until_accepted(state.nats_url, seed, ca=str(cfg.home / "secrets" / "tls" / "ca.pem") if cfg.tls else "")
+    return seed
+
+
+async def _until_accepted(nats_url: str, seed: Path, ca: str, timeout: float = 10.0) -> None:
+    import nats
+
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            nc = await nats.connect(nats_url, nkeys_seed=str(seed), connect_timeout=1, max_reconnect_attempts=0,
+                                    allow_reconnect=False, tls=natsauth.tls_context(ca) if ca else None,
+                                    error_cb=_quiet)
+            await nc.close()
+            return
+        except Exception:
+            if time.monotonic() > deadline:
+                raise StackError(f"nats-server did not accept {seed.name} after a config reload") from None
+            await asyncio.sleep(0.1)
+
+
+async def _quiet(exc: Exception) -> None:
+    """Connection errors during readiness polling are expected; the poll reports the last one."""
 
 
 def _start_redis(cfg: StackConfig) -> psutil.Popen:
@@ -147,6 +218,8 @@ def _start_postgres(cfg: StackConfig) -> tuple[int, str, str]:
 
 def _service_env(cfg: StackConfig, state: StackState) -> dict[str, str]:
     env = dict(os.environ)
+    # Each service finds its own role's seed under MAGI_HOME; a user's MAGI_NATS_CREDS is the user's.
+    env.pop("MAGI_NATS_CREDS", None)
     env.update(MAGI_NATS_URL=state.nats_url, MAGI_REDIS_URL=state.redis_url, MAGI_PG_DSN=state.pg_dsn,
                MAGI_HOME=str(cfg.home), PYTHONUNBUFFERED="1")
     if cfg.node_name:
@@ -157,10 +230,18 @@ def _service_env(cfg: StackConfig, state: StackState) -> dict[str, str]:
     return env
 
 
-async def _wait_service(nats_url: str, name: str, proc: psutil.Popen, timeout: float, logfile: Path) -> None:
+async def connect_as(home: Path | str, nats_url: str, identity: str = "admin", **options):
+    """A connection to the stack's bus as one of its identities (readiness checks, tests, benchmarks)."""
     import nats
 
-    nc = await nats.connect(nats_url, connect_timeout=2)
+    settings = Settings(nats_url=nats_url, home=str(home))
+    options.setdefault("error_cb", _quiet)
+    return await nats.connect(nats_url, connect_timeout=2, **natsauth.connect_options(settings, identity), **options)
+
+
+async def _wait_service(cfg: StackConfig, nats_url: str, name: str, proc: psutil.Popen, timeout: float,
+                        logfile: Path) -> None:
+    nc = await connect_as(cfg.home, nats_url)
     try:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
@@ -191,6 +272,8 @@ def read_state(home: Path) -> StackState | None:
 async def up(cfg: StackConfig, progress: Progress = lambda _msg: None) -> StackState:
     """Start everything and return once every service answers `$SRV.PING`. On failure, stop what started."""
     cfg.home.mkdir(parents=True, exist_ok=True)
+    # TLS, once on, stays on: clients find the CA under MAGI_HOME and would expect it.
+    cfg.tls = cfg.tls or (cfg.home / "secrets" / "tls" / "ca.pem").exists()
     existing = read_state(cfg.home)
     if existing and any(pid_alive(c.pid) for c in existing.components):
         raise StackError(f"a stack is already running from {cfg.home}; `magi down` first")
@@ -207,7 +290,7 @@ async def up(cfg: StackConfig, progress: Progress = lambda _msg: None) -> StackS
 
 async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
     progress(f"nats-server on {cfg.nats_url}")
-    state.components.append(Component(name="nats", pid=_start_nats(cfg).pid, log=str(cfg.log_file("nats"))))
+    state.components.append(Component(name="nats", pid=start_nats(cfg).pid, log=str(cfg.log_file("nats"))))
     _save(cfg, state)
     progress(f"redis-server on {cfg.redis_url}")
     state.components.append(Component(name="redis", pid=_start_redis(cfg).pid, log=str(cfg.log_file("redis"))))
@@ -223,7 +306,7 @@ async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
         proc = _spawn(cfg, name, [sys.executable, "-m", f"services.{name}"], env)
         state.components.append(Component(name=name, pid=proc.pid, log=str(logfile)))
         _save(cfg, state)
-        await _wait_service(state.nats_url, name, proc, SERVICE_TIMEOUT_S.get(name, 60.0), logfile)
+        await _wait_service(cfg, state.nats_url, name, proc, SERVICE_TIMEOUT_S.get(name, 60.0), logfile)
     progress("stack ready")
 
 

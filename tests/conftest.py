@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
-import nats
 import pytest
 
 from shared import stack
@@ -39,8 +38,15 @@ def nats_url(magi_stack) -> str:
 
 
 @pytest.fixture
-async def nc(nats_url):
-    client = await nats.connect(nats_url)
+def stack_home(magi_stack) -> str:
+    """Where the bus's credentials live; a module with servers of its own overrides this with `nats_url`."""
+    return magi_stack.home
+
+
+@pytest.fixture
+async def nc(nats_url, stack_home):
+    """An admin connection: tests drive every subject, as an operator would."""
+    client = await stack.connect_as(stack_home, nats_url, "admin")
     try:
         yield client
     finally:

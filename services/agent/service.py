@@ -13,12 +13,14 @@ import msgspec
 from protos.common import Empty
 from protos.node import Heartbeat
 from protos.sched import AssignmentsReply, AssignmentsRequest
+from services.agent.policy import load_policy
 from services.agent.rayjoin import ray_worker_spec
 from services.agent.resources import prime_cpu_percent, sample
 from services.agent.supervisor import Supervisor
 from shared import bus, sdnotify
 from shared.config import Settings
 from shared.errors import BadRequest, MagiError
+from shared.roles import agent_identity
 from shared.service import MagiService, RequestContext
 
 NAME = "magi-agent"
@@ -41,6 +43,15 @@ def node_name(settings: Settings) -> str:
     return name
 
 
+# Every placement change bumps the epoch by one; no real scheduler jumps a million changes at once. Only
+# the scheduler's identity may answer assignments (nats-server enforces it); this guards the rest.
+MAX_EPOCH_JUMP = 1_000_000
+
+
+def plausible_epoch(current: int, offered: int) -> bool:
+    return offered < 2**53 and (current == 0 or offered - current <= MAX_EPOCH_JUMP)
+
+
 def heartbeat_subject(node: str) -> str:
     return f"magi.node.{node}.heartbeat"
 
@@ -54,10 +65,10 @@ class Agent:
         self.seq = 0
         self.home = settings.home_path  # resolved once, here, rather than on the loop at every beat
         self._task: asyncio.Task | None = None
-        self.supervisor = Supervisor(node, self.home, self._publish)
         self.epoch = 0  # newest placement epoch seen: older assignment lists are stale and ignored
         # Instances of this node's own, not the scheduler's (joining the Ray cluster): always kept.
         self.local = [s for s in (ray_worker_spec(settings, node),) if s is not None]
+        self.supervisor = Supervisor(node, self.home, self._publish, load_policy(settings.agent_policy), self.local)
         self._reconciling = asyncio.Lock()
 
     async def _publish(self, subject: str, data: bytes) -> None:
@@ -73,12 +84,17 @@ class Agent:
         """Run exactly what the scheduler assigns here now: this is also the fence after a partition."""
         async with self._reconciling:
             try:
-                reply = await bus.request(self.service.nc, "magi.sched.assignments", AssignmentsRequest(node=self.node),
+                reply = await bus.request(self.service.nc, f"magi.sched.assignments.{self.node}",
+                                          AssignmentsRequest(node=self.node),
                                           AssignmentsReply, timeout=max(self.settings.heartbeat_s, 0.5))
             except MagiError as exc:  # no scheduler: keep running what we have
                 log.debug("no assignments", extra={"node": self.node, "error": exc.message})
                 return
             if reply.epoch < self.epoch:
+                return
+            if not plausible_epoch(self.epoch, reply.epoch):
+                log.warning("ignored assignments with an implausible epoch",
+                            extra={"node": self.node, "epoch": self.epoch, "offered": reply.epoch})
                 return
             self.epoch = reply.epoch
             await self.supervisor.reconcile([*reply.instances, *self.local], reply.epoch)
@@ -132,10 +148,11 @@ class Agent:
 
 async def build(settings: Settings):
     node = node_name(settings)
-    service = MagiService(NAME, VERSION, f"Node agent of {node}", settings)
+    service = MagiService(NAME, VERSION, f"Node agent of {node}", settings, identity=agent_identity(node))
     agent = Agent(service, node, settings)
     service.endpoint(f"magi.node.{node}.info", Empty, agent.info)
     await service.connect()
     await agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
-    log.info("agent started", extra={"node": node, "interval_s": settings.heartbeat_s})
+    log.info("agent started", extra={"node": node, "interval_s": settings.heartbeat_s,
+                                     "policy": agent.supervisor.policy.source or "none: assigned commands are refused"})
     return service, agent.close

@@ -20,6 +20,7 @@ from typing import Awaitable, Callable
 
 from protos.node import InstanceStatus
 from protos.sched import InstanceSpec
+from services.agent.policy import AgentPolicy
 
 log = logging.getLogger("magi.agent.supervisor")
 
@@ -43,19 +44,24 @@ class Instance:
     failures: list[float] = field(default_factory=list)
     tasks: list[asyncio.Task] = field(default_factory=list)
     stopping: bool = False
+    reason: str = ""  # why it was refused
 
     def status(self) -> InstanceStatus:
         pid = self.proc.pid if self.proc is not None and self.proc.returncode is None else None
         return InstanceStatus(instance_id=self.spec.instance_id, state=self.state, pid=pid, restarts=self.restarts,
-                              exit_code=self.exit_code, epoch=self.epoch)
+                              exit_code=self.exit_code, epoch=self.epoch, reason=self.reason)
 
 
 class Supervisor:
-    def __init__(self, node: str, home: Path, publish: Publish) -> None:
+    def __init__(self, node: str, home: Path, publish: Publish, policy: AgentPolicy | None = None,
+                 own: list[InstanceSpec] = ()) -> None:
         self.node = node
         self.logs = home / "instances"
         self.publish = publish
         self.instances: dict[str, Instance] = {}
+        self.policy = policy or AgentPolicy()
+        # Specs the agent built itself (joining Ray): exempt from the policy, given the agent's environment.
+        self.own = {s.instance_id: s for s in own}
 
     def statuses(self) -> list[InstanceStatus]:
         return [inst.status() for _, inst in sorted(self.instances.items())]
@@ -81,15 +87,17 @@ class Supervisor:
         if not spec.command:
             inst.state = "reserved"  # placement only: nothing to run on this node
             return
+        argv, env, user = self._launch(spec)
+        if argv is None:
+            inst.state, inst.reason = "refused", env
+            log.warning("instance refused by the node's policy", extra={"instance": spec.instance_id, "reason": env})
+            return
         self.logs.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, **spec.env, "MAGI_INSTANCE_ID": spec.instance_id, "MAGI_NODE_NAME": self.node}
-        if spec.experiment_config_path:
-            env["MAGI_EXPERIMENT_CONFIG"] = spec.experiment_config_path
         try:
             inst.proc = await asyncio.create_subprocess_exec(
-                *spec.command, env=env, cwd=spec.cwd or None, stdin=asyncio.subprocess.DEVNULL,
+                *argv, env=env, cwd=spec.cwd or None, stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT, start_new_session=True,
-                preexec_fn=_die_with_agent)
+                preexec_fn=_die_with_agent, user=user)
         except OSError as exc:
             log.warning("instance failed to start", extra={"instance": spec.instance_id, "error": str(exc)})
             inst.exit_code = 127
@@ -98,6 +106,17 @@ class Supervisor:
         inst.state = "running"
         log.info("instance started", extra={"instance": spec.instance_id, "pid": inst.proc.pid})
         inst.tasks = [asyncio.create_task(self._pump(inst)), asyncio.create_task(self._wait(inst))]
+
+    def _launch(self, spec: InstanceSpec):
+        """(argv, environment, user) to run `spec`, or (None, reason, None) when the policy refuses it."""
+        if self.own.get(spec.instance_id) == spec:
+            env = {**os.environ, **spec.env, "MAGI_INSTANCE_ID": spec.instance_id, "MAGI_NODE_NAME": self.node}
+            return spec.command, env, None
+        why = self.policy.check(spec)
+        if why:
+            return None, why, None
+        # Exec the very file the policy approved, not whatever PATH finds at exec time.
+        return [self.policy.program(spec), *spec.command[1:]], self.policy.environment(spec, self.node), self.policy.run_as or None
 
     async def _pump(self, inst: Instance) -> None:
         subject = f"magi.node.{self.node}.logs.{inst.spec.instance_id}"

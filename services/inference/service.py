@@ -60,7 +60,8 @@ class InferenceEndpoints:
         try:
             async with asyncio.timeout(timeout):
                 if req.stream:
-                    sink = ChunkSink(self.service.nc, req.stream_subject or ctx.reply, request_id)
+                    sink = ChunkSink(self.service.nc, req.stream_subject or ctx.reply, request_id,
+                                     chosen=bool(req.stream_subject))
                     async with sink:
                         replica, out, attempts = await self.router.stream(pool, params, request_id, sink.send)
                 else:

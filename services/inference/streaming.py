@@ -15,14 +15,19 @@ from services.inference.pool import Replica
 from services.inference.router import CallerGone
 from shared.bus import STREAM_HEADER
 from shared.errors import BadRequest
+from shared.roles import check_output_subject
 
 _encoder = msgspec.json.Encoder()
 
 
 class ChunkSink:
-    def __init__(self, nc: Client, subject: str, request_id: str) -> None:
+    def __init__(self, nc: Client, subject: str, request_id: str, *, chosen: bool = False) -> None:
+        """`chosen`: the caller named `subject` itself (`stream_subject`), rather than it being its reply inbox."""
         if not subject:
             raise BadRequest("a streamed request needs a reply inbox or a `stream_subject`", field="stream_subject")
+        why = check_output_subject(subject) if chosen else None
+        if why:
+            raise BadRequest(why, field="stream_subject")
         self.nc = nc
         self.subject = subject
         self.request_id = request_id

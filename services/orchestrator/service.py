@@ -18,7 +18,8 @@ from services.orchestrator.plan import CloneTask, plan_clones
 from services.orchestrator.queue import MissionQueue
 from shared import bus
 from shared.config import Settings
-from shared.errors import DeadlineExceeded, MagiError, Unprocessable, translate
+from shared.errors import BadRequest, DeadlineExceeded, MagiError, Unprocessable, translate
+from shared.roles import check_output_subject
 from shared.service import MagiService, RequestContext
 from shared.telemetry import current_trace_id, tracer
 
@@ -36,6 +37,9 @@ class Orchestrator:
         self.nc = nc
 
     async def run(self, mission: MissionRequest, ctx: RequestContext, mission_id: str = "") -> MissionReply:
+        why = check_output_subject(mission.progress_subject) if mission.progress_subject else None
+        if why:
+            raise BadRequest(why, field="progress_subject")
         started = time.perf_counter()
         deadline = started + mission.deadline_s
         mission_id = mission_id or uuid.uuid4().hex

@@ -25,6 +25,9 @@ from shared.errors import NotFound
 
 log = logging.getLogger("magi.scheduler.core")
 
+# States an agent reports that placement must not try to fix by moving the instance.
+STUCK = ("crashloop", "refused")
+
 PLACEABLE = {"HEALTHY"}
 
 
@@ -118,7 +121,7 @@ class SchedulerCore:
         """Re-place what runs on `dead` nodes (and what is pending); crash-looping instances stay put."""
         async with self.lock:
             victims = [r for r in self.records.values()
-                       if (r.node in dead or r.state == "pending") and r.state != "crashloop"]
+                       if (r.node in dead or r.state == "pending") and r.state not in STUCK]
             if not victims:
                 return PlacementResult(), self.epoch, set()
             nodes, unavailable, _ = await self.view()
@@ -146,18 +149,21 @@ class SchedulerCore:
         return {st.name for st in states if st.status in ("UNAVAILABLE", "MAINTENANCE")}
 
     async def note_instance_states(self, hb: Heartbeat) -> None:
-        """Mark instances the agent reports as crash-looping, so failover leaves them alone."""
-        looping = {s.instance_id for s in hb.instances if s.state == "crashloop"}
+        """Mark instances the agent reports as crash-looping or refused, so failover leaves them alone."""
         changed = []
-        for instance_id in looping:
-            record = self.records.get(instance_id)
-            if record is not None and record.node == hb.node and record.state != "crashloop":
-                changed.append(PlacementRecord(spec=record.spec, node=record.node, epoch=0, state="crashloop",
-                                               reason=f"crash-looping on {hb.node}"))
+        for status in hb.instances:
+            record = self.records.get(status.instance_id)
+            if status.state not in STUCK or record is None or record.node != hb.node or record.state == status.state:
+                continue
+            reason = (f"crash-looping on {hb.node}" if status.state == "crashloop"
+                      else f"refused by {hb.node}'s agent: {status.reason}")
+            changed.append(PlacementRecord(spec=record.spec, node=record.node, epoch=0, state=status.state,
+                                           reason=reason))
         if changed:
             async with self.lock:
                 await self._commit(changed)
-            log.warning("instances crash-looping", extra={"node": hb.node, "instances": sorted(looping)})
+            log.warning("instances stuck", extra={"node": hb.node, "instances": {c.spec.instance_id: c.reason
+                                                                               for c in changed}})
 
 
 async def report(core: "SchedulerCore"):
@@ -172,6 +178,7 @@ async def report(core: "SchedulerCore"):
         allocated[record.node] = (count + 1, ram + record.spec.ram_gb)
     warnings = [f"instance {r.spec.instance_id} is crash-looping on {r.node}" for r in core.records.values()
                 if r.state == "crashloop"]
+    warnings += [f"instance {r.spec.instance_id} was {r.reason}" for r in core.records.values() if r.state == "refused"]
     warnings += [f"instance {r.spec.instance_id} is pending: {r.reason}" for r in core.records.values()
                  if r.state == "pending"]
     return build_report(sorted(nodes, key=lambda n: n.name), status, allocated, warnings)

@@ -1,4 +1,4 @@
-"""`magi.sched.*`: nodes, report, place, release, drain, assignments; failover in the background."""
+"""`magi.sched.*`: nodes, report, place, release, drain, assignments.<node>; failover in the background."""
 
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from services.scheduler.core import SchedulerCore, report
 from services.scheduler.placements import PlacementStore
 from services.scheduler.state import NodeRegistry
 from shared.config import Settings
+from shared.errors import BadRequest
 from shared.service import MagiService, RequestContext
 
 NAME = "magi-scheduler"
@@ -95,6 +96,10 @@ class SchedulerEndpoints:
         return DrainReply(node=req.node, status=status, moved=result.placements, unplaced=result.unplaced, epoch=epoch)
 
     async def assignments(self, req: AssignmentsRequest, ctx: RequestContext) -> AssignmentsReply:
+        # nats-server lets only node X's agent publish `magi.sched.assignments.X`; the body must agree.
+        token = ctx.subject.rpartition(".")[2]
+        if req.node != token:
+            raise BadRequest(f"node {req.node!r} does not match the subject's node {token!r}", field="node")
         return self.core.assignments(req.node)
 
     async def failover_loop(self, interval: float) -> None:
@@ -120,7 +125,7 @@ async def build(settings: Settings):
     for verb, typ, handler in (("nodes", Empty, endpoints.nodes), ("report", Empty, endpoints.report),
                                ("place", PlaceRequest, endpoints.place), ("release", ReleaseRequest, endpoints.release),
                                ("drain", DrainRequest, endpoints.drain),
-                               ("assignments", AssignmentsRequest, endpoints.assignments)):
+                               ("assignments.*", AssignmentsRequest, endpoints.assignments)):
         service.endpoint(f"magi.sched.{verb}", typ, handler)
     nc = await service.connect()
     await nc.subscribe(HEARTBEATS, cb=endpoints.on_heartbeat)

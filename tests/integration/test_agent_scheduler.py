@@ -34,10 +34,14 @@ BIN = Path(sys.executable).parent
 def servers(tmp_path_factory):
     """NATS and Redis from the local stack's own code, with no MAGI service: they run in-process here."""
     tmp = tmp_path_factory.mktemp("agent-sched")
-    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=())
+    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE,))
     state = asyncio.run(stack.up(cfg))
+    policy = tmp / "agent.yaml"
+    policy.write_text(f"programs: [{json.dumps(sys.executable)}]\n")
     try:
-        yield Settings(nats_url=state.nats_url, redis_url=state.redis_url, home=str(tmp / "home"), node_name=NODE,
+        # The services run in-process with the stack's home, so each finds its own role's seed there.
+        yield Settings(nats_url=state.nats_url, redis_url=state.redis_url, home=str(tmp), node_name=NODE,
+                       agent_policy=str(policy),
                        heartbeat_s=HEARTBEAT_S)
     finally:
         stack.down(tmp)
@@ -56,6 +60,11 @@ async def rds(servers):
 @pytest.fixture
 def nats_url(servers) -> str:
     return servers.nats_url
+
+
+@pytest.fixture
+def stack_home(servers) -> str:
+    return servers.home
 
 
 class Running:
@@ -216,3 +225,24 @@ async def test_an_unsafe_node_name_is_refused_at_start(servers):
     bad = msgspec.structs.replace(servers, node_name="host.example.org")
     with pytest.raises(BadRequest, match="MAGI_NODE_NAME"):
         await agent_service.build(bad)
+
+
+async def test_an_instance_the_nodes_policy_refuses_is_reported_not_run(servers, running, nc):
+    from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
+
+    await _start_both(running, servers, nc)
+    spec = InstanceSpec(instance_id="evil", ram_gb=0.1, command=["sh", "-c", "sleep 60"], restart="always")
+    request = msgspec.json.encode(PlaceRequest(instances=[spec], placement={"evil": NODE}))
+    placed = msgspec.json.decode((await _request(nc, "magi.sched.place", request)).data, type=PlaceReply)
+    assert placed.placements == {"evil": NODE}
+
+    async def refused():
+        report = msgspec.json.decode((await _request(nc, "magi.sched.report")).data, type=ClusterReport)
+        return [w for w in report.warnings if w.startswith("instance evil was refused by testnode's agent")]
+
+    [warning] = await _until(refused)
+    assert "is not allowed by" in warning and str(servers.agent_policy) in warning
+    hb = msgspec.json.decode((await _request(nc, f"magi.node.{NODE}.info")).data, type=Heartbeat)
+    [status] = [i for i in hb.instances if i.instance_id == "evil"]
+    assert status.state == "refused" and status.pid is None
+    assert not any("sleep 60" in " ".join(p.info["cmdline"] or []) for p in psutil.process_iter(["cmdline"]))

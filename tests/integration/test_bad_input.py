@@ -23,7 +23,7 @@ WRONG_TYPES = {
     "magi.sched.place": (b'{"instances": [{"instance_id": "a", "ram_gb": "big"}]}', "instances[0].ram_gb"),
     "magi.sched.release": (b'{"instance_ids": 5}', "instance_ids"),
     "magi.sched.drain": (b'{"node": "no spaces allowed"}', "node"),
-    "magi.sched.assignments": (b'{"node": 7}', "node"),
+    "magi.sched.assignments.testnode": (b'{"node": 7}', "node"),
 }
 MISSING_FIELDS = {
     "magi.mission.run": "prompt",
@@ -35,7 +35,7 @@ MISSING_FIELDS = {
     "magi.sched.place": "instances",
     "magi.sched.release": "instance_ids",
     "magi.sched.drain": "node",
-    "magi.sched.assignments": "node",
+    "magi.sched.assignments.testnode": "node",
 }
 SERVICES = ["magi-agent", "magi-scheduler", "magi-inference", "magi-memory", "magi-consensus", "magi-orchestrator"]
 
@@ -81,6 +81,17 @@ async def test_unknown_model_is_404(nc):
 async def test_stream_subject_must_be_a_plain_subject(nc):
     code, error = await _error(nc, "magi.infer.generate", b'{"prompt": "hi", "stream": true, "stream_subject": "a.>"}')
     assert code == "400" and error["field"] == "stream_subject"
+
+
+@pytest.mark.parametrize("target", ["$JS.API.STREAM.DELETE.MAGI_MISSIONS", "magi.sched.place", "_MAGI.agent-testnode.x",
+                                    "$SYS.REQ.SERVER.PING"])
+async def test_output_subjects_may_not_target_magi_or_system_subjects(nc, target):
+    stream = json.dumps({"prompt": "hi", "stream": True, "stream_subject": target}).encode()
+    code, error = await _error(nc, "magi.infer.generate", stream)
+    assert code == "400" and error["field"] == "stream_subject" and "reserved" in error["message"]
+    mission = json.dumps({"prompt": "hi", "progress_subject": target}).encode()
+    code, error = await _error(nc, "magi.mission.run", mission)
+    assert code == "400" and error["field"] == "progress_subject"
 
 
 async def test_unknown_consensus_record_is_404(nc):

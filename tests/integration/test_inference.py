@@ -50,7 +50,7 @@ async def test_embeddings_are_normalised_and_deterministic(nc):
 async def test_replicas_are_placed_by_the_scheduler(nc):
     from protos.sched import AssignmentsReply
 
-    reply = await bus.request(nc, "magi.sched.assignments", {"node": "testnode"}, AssignmentsReply, timeout=5)
+    reply = await bus.request(nc, "magi.sched.assignments.testnode", {"node": "testnode"}, AssignmentsReply, timeout=5)
     placed = {i.instance_id for i in reply.instances}
     assert {"replica-smollm2-135m-0", "replica-smollm2-135m-1", "replica-smollm2-135m-embed-0"} <= placed
 

@@ -40,6 +40,11 @@ def nats_url(sharded_stack):
     return sharded_stack.nats_url
 
 
+@pytest.fixture
+def stack_home(sharded_stack):
+    return sharded_stack.home
+
+
 async def test_sharded_replica_lists_its_shards_and_matches_the_whole_model(nc):
     models = {m.name: m for m in (await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)).models}
     replica = models["sharded"].replicas[0]

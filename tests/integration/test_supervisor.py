@@ -8,6 +8,7 @@ import pytest
 
 from protos.sched import InstanceSpec
 from services.agent import supervisor as sup
+from services.agent.policy import AgentPolicy
 
 pytestmark = pytest.mark.integration
 
@@ -35,7 +36,7 @@ async def supervisor(tmp_path, published):
     async def publish(subject, data):
         published.append((subject, data))
 
-    s = sup.Supervisor("n1", tmp_path, publish)
+    s = sup.Supervisor("n1", tmp_path, publish, AgentPolicy(programs=[sys.executable], env=["EXP_*"]))
     yield s
     await s.stop_all()
 
@@ -67,10 +68,38 @@ async def test_crash_loop_is_backed_off_then_reported(supervisor, monkeypatch):
     assert status.restarts == sup.CRASHLOOP_FAILURES - 1 and status.exit_code == 3
 
 
-async def test_missing_program_fails_without_crashing_the_agent(supervisor, monkeypatch):
-    monkeypatch.setattr(sup, "BACKOFF_BASE_S", 0.01)
+async def test_missing_program_is_refused_without_crashing_the_agent(supervisor):
     await supervisor.reconcile([spec("nope", ["/nonexistent/program"], restart="never")], epoch=1)
-    assert supervisor.statuses()[0].state == "failed" and supervisor.statuses()[0].exit_code == 127
+    status = supervisor.statuses()[0]
+    assert status.state == "refused" and "not found" in status.reason and status.pid is None
+
+
+async def test_a_program_the_policy_does_not_list_is_refused_never_run(supervisor, tmp_path):
+    marker = tmp_path / "pwned"
+    await supervisor.reconcile([spec("evil", ["sh", "-c", f"touch {marker}"], restart="always")], epoch=1)
+    await asyncio.sleep(0.3)
+    status = supervisor.statuses()[0]
+    assert status.state == "refused" and "is not allowed by" in status.reason and status.pid is None
+    assert not marker.exists()
+
+
+async def test_an_environment_variable_the_policy_does_not_list_is_refused(supervisor):
+    bad = InstanceSpec(instance_id="ld", ram_gb=0.1, command=SLEEPER, env={"LD_PRELOAD": "/tmp/evil.so"})
+    await supervisor.reconcile([bad], epoch=1)
+    status = supervisor.statuses()[0]
+    assert status.state == "refused" and "LD_PRELOAD" in status.reason
+
+
+async def test_instances_inherit_none_of_the_agents_environment(supervisor, published, monkeypatch):
+    monkeypatch.setenv("MAGI_NATS_CREDS", "/etc/magi/agent.nk")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "hunter2")
+    show = [sys.executable, "-c", "import os, json; print(json.dumps(sorted(os.environ)), flush=True)"]
+    inst = InstanceSpec(instance_id="env", ram_gb=0.1, command=show, env={"EXP_SEED": "7"}, restart="never")
+    await supervisor.reconcile([inst], epoch=1)
+    await until(lambda: published)
+    names = set(__import__("json").loads(published[0][1]))
+    assert {"EXP_SEED", "MAGI_INSTANCE_ID", "MAGI_NODE_NAME", "PATH"} <= names
+    assert not names & {"MAGI_NATS_CREDS", "AWS_SECRET_ACCESS_KEY"}
 
 
 async def test_placement_only_instance_is_reserved(supervisor):

@@ -48,7 +48,7 @@ def test_taken_port_is_a_clear_error(tmp_path):
         port = taken.getsockname()[1]
         cfg = stack.StackConfig(home=tmp_path, nats_port=port)
         with pytest.raises(StackError) as info:
-            stack._start_nats(cfg)
+            stack.start_nats(cfg)
     assert str(port) in info.value.message and "MAGI_NATS_URL" in info.value.message
 
 

@@ -1,0 +1,153 @@
+"""Who may do what on the bus: one NATS user per role, its subject permissions enforced by nats-server.
+
+This table is the single source: `magi up` and `magi cluster init` render it into the server's
+`authorization` block, and the README's permissions table is generated from it (a test keeps them equal).
+
+Privileged identities (services, agents) draw their reply inboxes from `_MAGI.<identity>.>`, which no
+client may subscribe to, so an assignment reply (it can carry an instance's environment) is read by
+its agent alone. Clients and admins keep NATS's default `_INBOX.` so `nats req` works unchanged.
+Services answer requests through `allow_responses` (a reply to a message they received), so none of
+them needs publish rights on other identities' inboxes.
+"""
+
+from __future__ import annotations
+
+import re
+
+import msgspec
+
+SERVICE_ROLES = ("scheduler", "inference", "memory", "consensus", "orchestrator")
+USER_ROLES = ("client", "admin")
+ROLES = (*SERVICE_ROLES, "agent", *USER_ROLES)
+
+NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one safe subject token
+RESULTS_STREAM = "MAGI_MISSION_RESULTS"
+
+# Subjects no free-form output (`stream_subject`, `progress_subject`) may target, and no service but
+# their owner may publish to. `_MAGI.` is the inbox space of services and agents.
+RESERVED_PREFIXES = ("$", "magi.", "_MAGI.")
+
+# What services whose output subjects callers choose (inference, orchestrator) may never publish to,
+# whatever a caller asked: the second wall behind the services' own check (`check_output_subject`).
+_NEVER = ["$SYS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>", "magi.node.>"]
+_INFERENCE_DENY = [*_NEVER, "$JS.>", "magi.sched.assignments.>", "magi.sched.drain", "magi.sched.release",
+                   "magi.mission.>", "magi.memory.>", "magi.infer.>", "magi.consensus.>"]
+_ORCHESTRATOR_DENY = [*_NEVER, "magi.sched.>", "magi.mission.run", "magi.mission.submit", "magi.memory.upsert",
+                      "magi.infer.cancel", "magi.infer.embed", "magi.infer.models", "magi.consensus.get",
+                      "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
+                      "$JS.API.CONSUMER.DELETE.>", "$JS.API.ACCOUNT.>", "$JS.API.META.>", "$JS.API.SERVER.>"]
+
+
+class Permissions(msgspec.Struct, kw_only=True):
+    pub_allow: list[str] = []
+    pub_deny: list[str] = []
+    sub_allow: list[str] = []
+    sub_deny: list[str] = []
+    allow_responses: bool = True
+    summary: str = ""  # one line for the README table
+
+    def nats_block(self) -> dict:
+        """The `permissions` map of a nats-server user."""
+        block: dict = {}
+        for kind, allow, deny in (("publish", self.pub_allow, self.pub_deny),
+                                  ("subscribe", self.sub_allow, self.sub_deny)):
+            entry = {k: v for k, v in (("allow", allow), ("deny", deny)) if v}
+            # An empty allow list would mean "everything": a role that publishes nothing gets an explicit deny.
+            block[kind] = entry or {"deny": [">"]}
+        if self.allow_responses:
+            block["allow_responses"] = True
+        return block
+
+
+def inbox_prefix(identity: str) -> str:
+    """Where an identity's reply inboxes live (see the module docstring)."""
+    return "_INBOX" if identity in USER_ROLES else f"_MAGI.{identity}"
+
+
+def _service(svc: str, subjects: list[str], identity: str) -> list[str]:
+    # nats.micro answers $SRV.PING|INFO|STATS, then .<name> and .<name>.<id>.
+    return [*subjects, "$SRV.*", f"$SRV.*.{svc}", f"$SRV.*.{svc}.>", f"{inbox_prefix(identity)}.>"]
+
+
+def _results_reader() -> list[str]:
+    """What reading `magi.mission.result.<id>` from the results stream takes (an ordered consumer)."""
+    s = RESULTS_STREAM
+    return ["$JS.API.INFO", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.CREATE.{s}",
+            f"$JS.API.CONSUMER.CREATE.{s}.>", f"$JS.API.CONSUMER.INFO.{s}.>", f"$JS.API.CONSUMER.DELETE.{s}.>",
+            f"$JS.API.DIRECT.GET.{s}.>", f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.FC.{s}.>", f"$JS.ACK.{s}.>"]
+
+
+def agent_permissions(node: str) -> Permissions:
+    if not NODE_NAME.match(node):
+        raise ValueError(f"node name {node!r}: use 1-64 letters, digits, '-' or '_'")
+    identity = agent_identity(node)
+    return Permissions(
+        pub_allow=[f"magi.node.{node}.>", f"magi.sched.assignments.{node}"],
+        sub_allow=_service("magi-agent", [f"magi.node.{node}.info", f"magi.node.{node}.reconcile"], identity),
+        summary=f"publishes only `magi.node.{node}.>` (heartbeat, logs) and asks `magi.sched.assignments.{node}`; "
+                f"serves `magi.node.{node}.info`, hears its own reconcile nudges")
+
+
+def agent_identity(node: str) -> str:
+    return f"agent-{node}"
+
+
+def _role_table() -> dict[str, Permissions]:
+    return {
+        "scheduler": Permissions(
+            pub_allow=["magi.node.*.reconcile"],
+            sub_allow=_service("magi-scheduler", ["magi.sched.>", "magi.node.*.heartbeat"], "scheduler"),
+            summary="serves `magi.sched.>` (alone may answer place, drain, assignments), hears every heartbeat, "
+                    "nudges agents"),
+        "inference": Permissions(
+            pub_allow=[">"], pub_deny=_INFERENCE_DENY,
+            sub_allow=_service("magi-inference", ["magi.infer.>"], "inference"),
+            summary="serves `magi.infer.>`, asks `magi.sched.place` for its replicas, streams to callers' subjects "
+                    "(never `$`, `_MAGI.` or other services' subjects)"),
+        "memory": Permissions(
+            pub_allow=["magi.infer.embed"],
+            sub_allow=_service("magi-memory", ["magi.memory.>"], "memory"),
+            summary="serves `magi.memory.>`, asks `magi.infer.embed`"),
+        "consensus": Permissions(
+            sub_allow=_service("magi-consensus", ["magi.consensus.>"], "consensus"),
+            summary="serves `magi.consensus.>`; publishes nothing but replies"),
+        "orchestrator": Permissions(
+            pub_allow=[">"], pub_deny=_ORCHESTRATOR_DENY,
+            sub_allow=_service("magi-orchestrator", ["magi.mission.run"], "orchestrator"),
+            summary="serves `magi.mission.run`, consumes `magi.mission.submit`, asks memory, inference and "
+                    "consensus, stores results, publishes progress (never `$SYS`, `_MAGI.` or control subjects; "
+                    "cannot delete or purge streams)"),
+        "client": Permissions(
+            pub_allow=["magi.mission.run", "magi.mission.submit", "magi.infer.generate", "magi.infer.cancel",
+                       "magi.infer.models", "magi.infer.embed", "magi.memory.search", "magi.memory.upsert",
+                       "magi.consensus.get", "magi.sched.nodes", "magi.sched.report", "magi.node.*.info",
+                       "$SRV.>", *_results_reader()],
+            sub_allow=[">"], sub_deny=["magi.>", "$SYS.>", "$JS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>"],
+            allow_responses=False,
+            summary="missions, generate/cancel/models/embed, memory search/upsert, consensus get, read-only status "
+                    "(nodes, report, node info, `$SRV` discovery), mission results; may not serve any `magi.` subject"),
+        "admin": Permissions(
+            pub_allow=[">"], sub_allow=[">"],
+            summary="everything: place, release, drain, instance logs, stream management"),
+    }
+
+
+ROLE_PERMISSIONS = _role_table()
+
+
+def permissions(identity: str) -> Permissions:
+    """Permissions of a role name, or of `agent-<node>` for one node's agent."""
+    if identity in ROLE_PERMISSIONS:
+        return ROLE_PERMISSIONS[identity]
+    if identity.startswith("agent-"):
+        return agent_permissions(identity.removeprefix("agent-"))
+    raise ValueError(f"unknown role {identity!r}; roles: {', '.join(ROLES)}")
+
+
+def check_output_subject(subject: str) -> str | None:
+    """Why a caller-chosen output subject is refused, or None when it may be used."""
+    if any(subject.startswith(p) for p in RESERVED_PREFIXES):
+        return f"subject {subject!r} is reserved (subjects starting with {', '.join(RESERVED_PREFIXES)} are MAGI's own)"
+    if not subject or any(t == "" or t in ("*", ">") for t in subject.split(".")):
+        return f"subject {subject!r} must be a plain subject (no empty tokens or wildcards)"
+    return None
