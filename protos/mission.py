@@ -7,6 +7,9 @@ import msgspec
 from protos.consensus import Strategy
 from protos.memory import Namespace, SearchHit
 
+# JetStream: missions published to SUBMIT_SUBJECT (a work queue), results stored under RESULT_PREFIX.<id>.
+SUBMIT_STREAM, SUBMIT_SUBJECT = "MAGI_MISSIONS", "magi.mission.submit"
+RESULT_STREAM, RESULT_PREFIX = "MAGI_MISSION_RESULTS", "magi.mission.result"
 
 class MissionRequest(msgspec.Struct, kw_only=True):
     """`magi.mission.run`: the seed-000 mission keys plus consensus strategy and deadline."""

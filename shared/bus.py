@@ -58,7 +58,7 @@ def refused(subject: str, within_s: float = 120.0) -> bool:
 async def connect(settings: Settings, name: str = "magi-client", role: str = "admin") -> Client:
     """A short-lived client connection as `role` (its credentials, inbox space and TLS from settings)."""
     try:
-        return await nats.connect(settings.nats_url, name=name, connect_timeout=3, max_reconnect_attempts=3,
+        return await nats.connect(settings.nats_servers(), name=name, connect_timeout=3, max_reconnect_attempts=3,
                                   error_cb=on_error, **connect_options(settings, role))
     except Exception as exc:
         error = errors.translate(exc)

@@ -267,7 +267,7 @@ def cmd_memory(args) -> int:
 def cmd_validate_config(args) -> int:
     import yaml
 
-    from services.scheduler.cluster import ClusterConfig, InstancesFile, validate
+    from services.scheduler.cluster import ClusterConfig, InstancesFile, unused_ssh_fields, validate
 
     try:
         raw = yaml.safe_load(Path(args.file).read_text())
@@ -280,6 +280,11 @@ def cmd_validate_config(args) -> int:
         print(f"{args.file}: {problem}", file=sys.stderr)
     if problems:
         return 1
+    if typ is ClusterConfig:
+        for i, node in enumerate(parsed.nodes):
+            if unused := unused_ssh_fields(node):
+                print(f"{args.file}: nodes[{i}] ({node.name}): {', '.join(unused)} not used (MAGI's node agents "
+                      "replace SSH)", file=sys.stderr)
     count = len(parsed.instances) if typ is InstancesFile else len(parsed.nodes)
     print(f"{args.file}: ok ({count} {'instances' if typ is InstancesFile else 'nodes'})")
     return 0
@@ -326,6 +331,24 @@ def cmd_drain(args) -> int:
             print(f"  moved {instance} -> {node}")
         for instance, reason in sorted(reply.unplaced.items()):
             print(f"  pending {instance}: {reason}")
+    return 0
+
+
+def cmd_cluster_init(args) -> int:
+    from services.scheduler.cluster import load_cluster
+    from shared.clusterinit import init, make_plan
+
+    cluster = load_cluster(args.config)
+    try:
+        plan = make_plan(cluster, head=args.head, nats=args.nats.split(",") if args.nats else [], etc=args.etc,
+                         state=args.state, nats_port=args.nats_port, route_port=args.route_port,
+                         monitor_port=args.monitor_port)
+    except ValueError as exc:
+        print(f"magi cluster init: {exc}", file=sys.stderr)
+        return 2
+    for note in init(Path(args.dir), plan):
+        print(note)
+    print(f"head (services, Ray head): {plan.head.name}; NATS: {', '.join(n.name for n in plan.nats)}")
     return 0
 
 
@@ -408,6 +431,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--namespace", default="default")
     p.add_argument("-k", type=int, default=5)
     p.add_argument("--json", action="store_true")
+    p = add("cluster", cmd_cluster_init, "cluster material: `magi cluster init DIR --config CLUSTER.yaml`")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("dir", help="where to write (outside git: it holds every secret)")
+    p.add_argument("--config", required=True, help="the cluster YAML (seed 002's shape)")
+    p.add_argument("--head", default="", help="node that runs the services and the Ray head (default: the first)")
+    p.add_argument("--nats", default="", help="node(s) running NATS: one, or three for a NATS cluster (default: head)")
+    p.add_argument("--etc", default="/etc/magi", help="where each node's folder is installed")
+    p.add_argument("--state", default="/var/lib/magi", help="MAGI_HOME on the nodes")
+    p.add_argument("--nats-port", type=int, default=4222)
+    p.add_argument("--route-port", type=int, default=6222, help="between NATS servers (mutual TLS)")
+    p.add_argument("--monitor-port", type=int, default=8222, help="NATS monitoring on each server's loopback; 0: off")
     add("demo", cmd_demo, "start the stack, run the seed mission, stop").add_argument(
         "--keep", action="store_true", help="leave the stack running afterwards")
     add("bench", cmd_bench, "run the benchmarks").add_argument("rest", nargs=argparse.REMAINDER)

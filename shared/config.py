@@ -35,8 +35,13 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     ray_join: str = ""  # HEAD:PORT of a Ray cluster this node's agent joins (worker nodes only)
     # This process's NATS nkey seed file; empty: `$MAGI_HOME/secrets/nats/<role>.nk` (the local stack's).
     nats_creds: str = ""
+    stream_replicas: int = 1  # JetStream replicas of MAGI's streams: 3 on a 3-server NATS cluster
     agent_policy: str = ""  # what instances may run on this node; empty: /etc/magi/agent.yaml if any, else nothing
     nats_ca: str = ""  # CA that signed the NATS servers' certificates; empty: `$MAGI_HOME/secrets/tls/ca.pem` if any
+
+    def nats_servers(self) -> list[str]:
+        """MAGI_NATS_URL may list several servers of a NATS cluster, comma-separated."""
+        return [u.strip() for u in self.nats_url.split(",") if u.strip()]
 
     @property
     def home_path(self) -> Path:
@@ -66,6 +71,7 @@ _ENV = {
     "nats_creds": "MAGI_NATS_CREDS",
     "nats_ca": "MAGI_NATS_CA",
     "agent_policy": "MAGI_AGENT_POLICY",
+    "stream_replicas": "MAGI_STREAM_REPLICAS",
 }
 
 

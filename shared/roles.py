@@ -16,12 +16,13 @@ import re
 
 import msgspec
 
+from protos.mission import RESULT_STREAM
+
 SERVICE_ROLES = ("scheduler", "inference", "memory", "consensus", "orchestrator")
 USER_ROLES = ("client", "admin")
 ROLES = (*SERVICE_ROLES, "agent", *USER_ROLES)
 
 NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")  # one safe subject token
-RESULTS_STREAM = "MAGI_MISSION_RESULTS"
 
 # Subjects no free-form output (`stream_subject`, `progress_subject`) may target, and no service but
 # their owner may publish to. `_MAGI.` is the inbox space of services and agents.
@@ -71,7 +72,7 @@ def _service(svc: str, subjects: list[str], identity: str) -> list[str]:
 
 def _results_reader() -> list[str]:
     """What reading `magi.mission.result.<id>` from the results stream takes (an ordered consumer)."""
-    s = RESULTS_STREAM
+    s = RESULT_STREAM
     return ["$JS.API.INFO", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.CREATE.{s}",
             f"$JS.API.CONSUMER.CREATE.{s}.>", f"$JS.API.CONSUMER.INFO.{s}.>", f"$JS.API.CONSUMER.DELETE.{s}.>",
             f"$JS.API.DIRECT.GET.{s}.>", f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.FC.{s}.>", f"$JS.ACK.{s}.>"]
@@ -151,3 +152,20 @@ def check_output_subject(subject: str) -> str | None:
     if not subject or any(t == "" or t in ("*", ">") for t in subject.split(".")):
         return f"subject {subject!r} must be a plain subject (no empty tokens or wildcards)"
     return None
+
+
+def markdown_table() -> str:
+    """The README's permissions table (a test keeps the README equal to this)."""
+    rows = ["| identity | may | publish | subscribe |", "|---|---|---|---|"]
+    for identity in (*SERVICE_ROLES, "agent-<node>", *USER_ROLES):
+        perms = agent_permissions("NODE") if identity == "agent-<node>" else ROLE_PERMISSIONS[identity]
+
+        def cell(allow: list[str], deny: list[str]) -> str:
+            text = ", ".join(f"`{s}`" for s in allow) or "nothing (replies only)"
+            return text + (f"; never {', '.join(f'`{s}`' for s in deny)}" if deny else "")
+
+        summary = perms.summary.replace("NODE", "<node>")
+        pub = cell(perms.pub_allow, perms.pub_deny).replace("NODE", "<node>")
+        sub = cell(perms.sub_allow, perms.sub_deny).replace("NODE", "<node>")
+        rows.append(f"| `{identity}` | {summary} | {pub} | {sub} |")
+    return "\n".join(rows) + "\n"

@@ -90,7 +90,7 @@ class MagiService:
 
     async def connect(self) -> Client:
         self.nc = await nats.connect(
-            self.settings.nats_url,
+            self.settings.nats_servers(),
             name=self.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,

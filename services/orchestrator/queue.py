@@ -18,14 +18,12 @@ from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType,
 from nats.js.errors import FetchTimeoutError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from protos.mission import MissionReply, MissionRequest
+from protos.mission import RESULT_PREFIX, RESULT_STREAM, SUBMIT_STREAM, SUBMIT_SUBJECT, MissionReply, MissionRequest
 from shared.errors import MagiError, translate
 from shared.service import RequestContext
 
 log = logging.getLogger("magi.orchestrator.queue")
 
-SUBMIT_STREAM, SUBMIT_SUBJECT = "MAGI_MISSIONS", "magi.mission.submit"
-RESULT_STREAM, RESULT_PREFIX = "MAGI_MISSION_RESULTS", "magi.mission.result"
 DURABLE = "orchestrator"
 
 _decoder = msgspec.json.Decoder(MissionRequest)
@@ -34,23 +32,25 @@ _encoder = msgspec.json.Encoder()
 Runner = Callable[[MissionRequest, RequestContext, str], Awaitable[MissionReply]]
 
 
-async def ensure_streams(nc: Client) -> None:
+async def ensure_streams(nc: Client, replicas: int = 1) -> None:
+    """Both streams on disk; `replicas` 3 on a 3-server NATS cluster, so losing one server loses nothing."""
     js = nc.jetstream()
     await js.add_stream(StreamConfig(name=SUBMIT_STREAM, subjects=[SUBMIT_SUBJECT], retention=RetentionPolicy.WORK_QUEUE,
-                                     storage=StorageType.FILE, duplicate_window=120.0))
+                                     storage=StorageType.FILE, duplicate_window=120.0, num_replicas=replicas))
     await js.add_stream(StreamConfig(name=RESULT_STREAM, subjects=[f"{RESULT_PREFIX}.>"], storage=StorageType.FILE,
-                                     max_age=7 * 24 * 3600.0))
+                                     max_age=7 * 24 * 3600.0, num_replicas=replicas))
 
 
 class MissionQueue:
-    def __init__(self, nc: Client, run: Runner, *, ack_wait_s: float = 600.0) -> None:
+    def __init__(self, nc: Client, run: Runner, *, ack_wait_s: float = 600.0, replicas: int = 1) -> None:
         self.nc = nc
+        self.replicas = replicas
         self.run = run
         self.ack_wait_s = ack_wait_s
         self._task: asyncio.Task | None = None
 
     async def start(self) -> None:
-        await ensure_streams(self.nc)
+        await ensure_streams(self.nc, self.replicas)
         js = self.nc.jetstream()
         self._sub = await js.pull_subscribe(
             SUBMIT_SUBJECT, durable=DURABLE, stream=SUBMIT_STREAM,

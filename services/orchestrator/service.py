@@ -115,6 +115,6 @@ async def build(settings: Settings):
     nc = await service.connect()
     orchestrator = Orchestrator(nc)
     service.endpoint("magi.mission.run", MissionRequest, orchestrator.run)
-    queue = MissionQueue(nc, orchestrator.run)
+    queue = MissionQueue(nc, orchestrator.run, replicas=settings.stream_replicas)
     await queue.start()
     return service, queue.close

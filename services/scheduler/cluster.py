@@ -30,6 +30,19 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_instances: Annotated[int, msgspec.Meta(ge=0)] = 4
     reserved_ram_gb: Gb = 0.0
     labels: dict[str, str] = {}
+    # Seed 002's SSH runner fields: accepted so its cluster files load as written, but unused, since the
+    # node's agent starts instances itself (`unused_ssh_fields` lets tools say so).
+    ssh_user: str | None = None
+    ssh_port: Annotated[int, msgspec.Meta(ge=1, le=65535)] | None = None
+    ssh_key_path: str | None = None
+    remote_work_dir: str | None = None
+
+
+SSH_FIELDS = ("ssh_user", "ssh_port", "ssh_key_path", "remote_work_dir")
+
+
+def unused_ssh_fields(node: NodeConfig) -> list[str]:
+    return [f for f in SSH_FIELDS if getattr(node, f) is not None]
 
 
 class ClusterMeta(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
