@@ -13,6 +13,7 @@ from pathlib import Path
 import msgspec
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
+DEFAULT_RPC_PORTS = "50100-50199"
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -33,8 +34,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # This node's address on the private cluster network: Ray workers and llama.cpp RPC shards bind here.
     cluster_address: str = "127.0.0.1"
     ray_join: str = ""  # HEAD:PORT of a Ray cluster this node's agent joins (worker nodes only)
+    ray_head_port: int = 0  # the head node: its agent runs the Ray head on the cluster address, this GCS port
     # This process's NATS nkey seed file; empty: `$MAGI_HOME/secrets/nats/<role>.nk` (the local stack's).
     nats_creds: str = ""
+    rpc_ports: str = DEFAULT_RPC_PORTS  # the ports llama.cpp RPC shards take, so a firewall rule can name them
     stream_replicas: int = 1  # JetStream replicas of MAGI's streams: 3 on a 3-server NATS cluster
     agent_policy: str = ""  # what instances may run on this node; empty: /etc/magi/agent.yaml if any, else nothing
     nats_ca: str = ""  # CA that signed the NATS servers' certificates; empty: `$MAGI_HOME/secrets/tls/ca.pem` if any
@@ -68,10 +71,12 @@ _ENV = {
     "cluster_file": "MAGI_CLUSTER_FILE",
     "cluster_address": "MAGI_CLUSTER_ADDRESS",
     "ray_join": "MAGI_RAY_JOIN",
+    "ray_head_port": "MAGI_RAY_HEAD_PORT",
     "nats_creds": "MAGI_NATS_CREDS",
     "nats_ca": "MAGI_NATS_CA",
     "agent_policy": "MAGI_AGENT_POLICY",
     "stream_replicas": "MAGI_STREAM_REPLICAS",
+    "rpc_ports": "MAGI_RPC_PORTS",
 }
 
 
@@ -90,3 +95,17 @@ def load_settings(environ: dict[str, str] | None = None) -> Settings:
 
         field = field_of_validation_error(str(exc))
         raise BadRequest(f"bad setting {_ENV.get(field or '', field)}: {exc}", field=field) from None
+
+
+def port_range(text: str, setting: str = "MAGI_RPC_PORTS") -> range:
+    """`50100-50199` (inclusive) as a range; a malformed or inverted range is a 400 naming the setting."""
+    from shared.errors import BadRequest
+
+    low, sep, high = text.partition("-")
+    try:
+        first, last = int(low), int(high if sep else low)
+    except ValueError:
+        raise BadRequest(f"{setting}={text!r}: expected FIRST-LAST, e.g. 50100-50199", field=setting) from None
+    if not 1024 <= first <= last <= 65535:
+        raise BadRequest(f"{setting}={text!r}: ports must rise within 1024-65535", field=setting)
+    return range(first, last + 1)

@@ -14,7 +14,7 @@ from protos.common import Empty
 from protos.node import Heartbeat
 from protos.sched import AssignmentsReply, AssignmentsRequest
 from services.agent.policy import load_policy
-from services.agent.rayjoin import ray_worker_spec
+from services.agent.rayjoin import own_specs
 from services.agent.resources import prime_cpu_percent, sample
 from services.agent.supervisor import Supervisor
 from shared import bus, sdnotify
@@ -67,7 +67,7 @@ class Agent:
         self._task: asyncio.Task | None = None
         self.epoch = 0  # newest placement epoch seen: older assignment lists are stale and ignored
         # Instances of this node's own, not the scheduler's (joining the Ray cluster): always kept.
-        self.local = [s for s in (ray_worker_spec(settings, node),) if s is not None]
+        self.local = own_specs(settings, node)
         self.supervisor = Supervisor(node, self.home, self._publish, load_policy(settings.agent_policy), self.local)
         self._reconciling = asyncio.Lock()
 

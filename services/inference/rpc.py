@@ -110,6 +110,9 @@ def bind_host(host: str, allow_any_address: bool = False) -> str:
         raise BadRequest(f"RPC host {host!r}: llama.cpp's RPC server binds IPv4 addresses only", field="rpc_host")
     if address.is_unspecified and not allow_any_address:
         raise BadRequest(f"refusing to bind the RPC server to {host!r} (every interface)", field="rpc_host")
+    if address.is_global and not allow_any_address:
+        raise BadRequest(f"refusing to bind the RPC server to the public address {host!r}: use a private "
+                         "cluster network (or allow any address)", field="rpc_host")
     return str(address)
 
 

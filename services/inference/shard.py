@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import random
 import socket
 import subprocess
 import sys
@@ -21,6 +22,7 @@ import ray
 
 import services.inference.ray_runtime  # noqa: F401  (confines Ray to loopback before import)
 from services.inference import rpc
+from shared.config import DEFAULT_RPC_PORTS, port_range
 from shared.errors import DeadlineExceeded, MagiError, Unavailable
 
 log = logging.getLogger("magi.inference.shard")
@@ -31,9 +33,17 @@ _REPO = Path(__file__).resolve().parents[2]
 
 
 def free_port(host: str) -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+    """A port of MAGI_RPC_PORTS free on `host` now (the range the README's firewall table names)."""
+    ports = list(port_range(os.environ.get("MAGI_RPC_PORTS") or DEFAULT_RPC_PORTS))
+    start = random.randrange(len(ports))  # shards starting together rarely try the same port first
+    for port in ports[start:] + ports[:start]:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError:
+                continue
+            return port
+    raise Unavailable(f"no free port for an RPC shard in MAGI_RPC_PORTS on {host}")
 
 
 def _probe_host(bind: str) -> str:

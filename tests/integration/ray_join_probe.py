@@ -17,7 +17,12 @@ BIN = os.path.dirname(sys.executable)
 def main() -> None:
     subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
     temp = sys.argv[1]
-    os.environ["RAY_AUTH_MODE"] = "token"  # Ray's default for `ray start` clusters; this driver joins one
+    os.makedirs(temp, exist_ok=True)
+    token = os.path.join(temp, "ray-token")  # what `magi cluster init` writes for every node
+    with open(token, "w") as out:
+        out.write("magi-probe-token-0123456789abcdef\n")
+    os.environ["RAY_AUTH_MODE"] = "token"  # the head, this driver and the worker all authenticate
+    os.environ["RAY_AUTH_TOKEN_PATH"] = token
     env = dict(os.environ)
     # `--block` heads and workers stop their own processes on SIGTERM; never `ray stop`, which would
     # kill every Ray process on the machine (the test session's inference service among them).

@@ -26,7 +26,7 @@ def test_specific_addresses_pass_and_names_resolve():
     assert rpc.bind_host("localhost") == "127.0.0.1"
 
 
-@pytest.mark.parametrize("host", ["::1", "fe80::1", "no-such-host.invalid"])
+@pytest.mark.parametrize("host", ["::1", "fe80::1", "no-such-host.invalid", "8.8.8.8", "203.0.113.300"])
 def test_addresses_llama_cpp_cannot_bind_are_refused(host):
     with pytest.raises(BadRequest) as caught:
         rpc.bind_host(host)
@@ -63,3 +63,20 @@ def test_no_or_repeated_shards_are_bad_requests():
         with pytest.raises(BadRequest) as caught:
             rpc.add_rpc_devices(endpoints)
         assert caught.value.field == "rpc_servers"
+
+
+def test_a_public_address_is_refused_unless_allowed():
+    with pytest.raises(BadRequest, match="public address"):
+        rpc.bind_host("8.8.8.8")
+    assert rpc.bind_host("8.8.8.8", allow_any_address=True) == "8.8.8.8"
+
+
+def test_shard_ports_come_from_the_configured_range(monkeypatch):
+    from services.inference.shard import free_port
+    from shared.config import port_range
+
+    monkeypatch.setenv("MAGI_RPC_PORTS", "50110-50119")
+    assert all(50110 <= free_port("127.0.0.1") <= 50119 for _ in range(20))
+    for bad in ("x", "50200-50100", "80-90"):
+        with pytest.raises(BadRequest):
+            port_range(bad)
