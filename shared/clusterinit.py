@@ -13,6 +13,7 @@ Writes into DIR (nothing of it belongs in git; secret files are mode 0600):
         credentials/ray-token          Ray's cluster token (RAY_AUTH_MODE=token everywhere)
         nats.conf, tls/nats*.pem       on NATS server nodes: the server's config and certificate
         agent.yaml                     the node's instance policy: nothing allowed until the operator lists it
+        magi.nft                       nftables rules: Ray's and RPC shards' ports open to cluster members only
 
 Running it again with the same DIR keeps every existing key and certificate and writes the files of new
 nodes, so adding a node is: add it to the cluster file, run this again, copy the node's folder and the
@@ -26,6 +27,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.agent.rayjoin import RAY_NODE_PORTS, RAY_WORKER_PORTS
 from services.scheduler.cluster import ClusterConfig, NodeConfig, unused_ssh_fields
 from shared import natsauth, pki
 from shared.natsconf import Routes, Tls, server_config
@@ -102,6 +104,34 @@ def _env_file(plan: Plan, node: NodeConfig, token_path: str) -> str:
     return header + "".join(f"{k}={v}\n" for k, v in lines.items() if v != "")
 
 
+def guarded_ports(plan: Plan) -> list[str]:
+    """Ray's and the RPC shards' ports: no authentication of their own beyond Ray's token (RPC: none)."""
+    ray_node = sorted({RAY_PORT, *RAY_NODE_PORTS.values()})
+    return [f"{ray_node[0]}-{ray_node[-1]}", f"{RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}", RPC_PORTS]
+
+
+def firewall_rules(plan: Plan, node: NodeConfig) -> str:
+    """An nftables table that lets only the cluster's members reach Ray's and the RPC shards' ports.
+
+    Ray 2.60 binds its GCS, raylet, object manager and worker servers on every interface whenever the
+    node address is not loopback (it has no bind-address option); this keeps them to the cluster
+    network. NATS needs no rule: it listens on the cluster address only and authenticates everyone.
+    """
+    members = ", ".join(n.host for n in plan.cluster.nodes)
+    ports = ", ".join(guarded_ports(plan))
+    return (f"# MAGI on {node.name}: Ray and RPC shard ports reachable from cluster members only.\n"
+            "# Written by `magi cluster init`; loaded by magi-firewall.service (nft -f).\n"
+            "table inet magi {}\ndelete table inet magi\n"
+            "table inet magi {\n"
+            f"  set members {{ type ipv4_addr; elements = {{ {members} }} }}\n"
+            "  chain input {\n"
+            "    type filter hook input priority -10; policy accept;\n"
+            '    iifname "lo" accept\n'
+            f"    tcp dport {{ {ports} }} ip saddr @members accept\n"
+            f"    tcp dport {{ {ports} }} drop\n"
+            "  }\n}\n")
+
+
 POLICY_TEMPLATE = """\
 # What instances the scheduler assigns may run on this node (see services/agent/policy.py).
 # Nothing is allowed until you list it. MAGI's own parts (Ray join, replicas, RPC shards) need no entry.
@@ -151,6 +181,7 @@ def _node_folder(directory: Path, plan: Plan, node: NodeConfig, users: dict[str,
                            _env_file(plan, node, f"{plan.etc_of(node)}/credentials/ray-token").encode())
     if not (out / "agent.yaml").exists():
         (out / "agent.yaml").write_text(POLICY_TEMPLATE)
+    (out / "magi.nft").write_text(firewall_rules(plan, node))
     if node.name in {n.name for n in plan.nats}:
         tls_dir = out / "tls"
         if not (tls_dir / "nats.pem").exists():

@@ -198,7 +198,7 @@ def _start_redis(cfg: StackConfig) -> psutil.Popen:
     return proc
 
 
-def _start_postgres(cfg: StackConfig) -> tuple[int, str, str]:
+def start_postgres(cfg: StackConfig) -> tuple[int, str, str]:
     """pgserver's PostgreSQL listens on a unix socket only (no TCP at all); it outlives this process."""
     import warnings
 
@@ -296,7 +296,7 @@ async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
     state.components.append(Component(name="redis", pid=_start_redis(cfg).pid, log=str(cfg.log_file("redis"))))
     _save(cfg, state)
     progress("postgresql + pgvector (unix socket)")
-    pg_pid, state.pg_dsn, state.pgdata = _start_postgres(cfg)
+    pg_pid, state.pg_dsn, state.pgdata = start_postgres(cfg)
     state.components.append(Component(name="postgres", pid=pg_pid, log=str(Path(state.pgdata) / "log")))
     _save(cfg, state)
     env = _service_env(cfg, state)

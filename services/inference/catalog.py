@@ -31,9 +31,14 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # llama.cpp RPC: spread each replica's layers over this many shard servers (0: one process holds all).
     shards: Annotated[int, msgspec.Meta(ge=0, le=16)] = 0
     shard_threads: Annotated[int, msgspec.Meta(ge=0)] = 0  # 0: the cores split between the shards
+    shard_nodes: list[str] = []  # pin shard k to shard_nodes[k]; the scheduler places the rest
     # The RPC server has no authentication: shards bind to their node's MAGI_CLUSTER_ADDRESS (127.0.0.1 unless
     # set to the node's cluster address); 0.0.0.0 is refused unless this says otherwise.
     rpc_allow_any_address: bool = False
+
+    def __post_init__(self) -> None:
+        if len(self.shard_nodes) > self.shards:
+            raise ValueError(f"model {self.name}: {len(self.shard_nodes)} shard_nodes for {self.shards} shards")
 
     @property
     def embedding(self) -> bool:

@@ -29,6 +29,7 @@ log = logging.getLogger("magi.inference.replicas")
 
 NODE_RESOURCE = "magi_node:{}"
 PLACE_TIMEOUT_S = 15.0
+RAY_JOIN_WAIT_S = 120.0
 
 
 def node_resource(node: str) -> str:
@@ -61,12 +62,16 @@ def gang_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
     return [coordinator, *shards]
 
 
-def _require_ray_node(node: str) -> None:
+async def _require_ray_node(node: str, timeout: float = RAY_JOIN_WAIT_S) -> None:
+    """Wait for `node` to be in the Ray cluster: agents join a moment after they start, and nodes come late."""
     import ray
 
-    if node_resource(node) not in ray.cluster_resources():
-        raise Unavailable(f"node {node!r} has not joined the Ray cluster (ray start --resources "
-                          f"'{{\"{node_resource(node)}\": 1000}}')", field="node")
+    deadline = time.monotonic() + timeout
+    while node_resource(node) not in await asyncio.to_thread(ray.cluster_resources):
+        if time.monotonic() > deadline:
+            raise Unavailable(f"node {node!r} has not joined the Ray cluster (its agent runs `ray start` with "
+                              f"MAGI_RAY_JOIN; resource {node_resource(node)})", field="node")
+        await asyncio.sleep(0.5)
 
 
 class ReplicaFactory:
@@ -82,8 +87,8 @@ class ReplicaFactory:
             InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, pool.spec.n_ctx),
                          gpu_required=pool.spec.backend == "vllm")]
         nodes = await self._place(pool, replica_id, specs)
-        for node in set(nodes):
-            _require_ray_node(node)
+        for node in sorted(set(nodes)):
+            await _require_ray_node(node)
         shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
         generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
         actor = self._replica_class().options(
@@ -115,19 +120,22 @@ class ReplicaFactory:
         return actors, list(endpoints)
 
     async def _place(self, pool: ModelPool, replica_id: str, specs: list[InstanceSpec]) -> list[str]:
-        """One node per spec, in order; the local node (or the catalogue's `node`) without a scheduler."""
-        fixed = pool.spec.node or self.settings.node()
-        if pool.spec.node or self.nc is None:
-            return [fixed] * len(specs)
+        """One node per spec, in order: the catalogue's pins (`node`, `shard_nodes`) as explicit placements,
+        the scheduler's choice for the rest; the pins or the local node without a scheduler."""
+        explicit = {specs[0].instance_id: pool.spec.node} if pool.spec.node else {}
+        explicit.update({spec.instance_id: node for spec, node in zip(specs[1:], pool.spec.shard_nodes)})
+        fixed = [explicit.get(s.instance_id) or pool.spec.node or self.settings.node() for s in specs]
+        if self.nc is None:
+            return fixed
         deadline = time.monotonic() + PLACE_TIMEOUT_S
         while True:
             try:
-                reply = await bus.request(self.nc, "magi.sched.place", PlaceRequest(instances=specs), PlaceReply,
-                                          timeout=PLACE_TIMEOUT_S)
+                reply = await bus.request(self.nc, "magi.sched.place", PlaceRequest(instances=specs, placement=explicit),
+                                          PlaceReply, timeout=PLACE_TIMEOUT_S)
             except MagiError as exc:
                 log.warning("no scheduler placement; replica stays local",
-                            extra={"replica": replica_id, "node": fixed, "error": exc.message})
-                return [fixed] * len(specs)
+                            extra={"replica": replica_id, "nodes": fixed, "error": exc.message})
+                return fixed
             nodes = [reply.placements.get(s.instance_id, "") for s in specs]
             if all(nodes):
                 return nodes

@@ -14,6 +14,7 @@ from typing import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client
+from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import FetchTimeoutError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
@@ -62,7 +63,7 @@ class MissionQueue:
         while True:
             try:
                 msgs = await self._sub.fetch(batch=4, timeout=1.0)
-            except FetchTimeoutError:
+            except (FetchTimeoutError, NatsTimeoutError):  # nats-py 2.16 raises the latter when nothing waits
                 continue
             except asyncio.CancelledError:
                 raise
