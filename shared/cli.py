@@ -316,7 +316,7 @@ def cmd_agent(args) -> int:
 
     if args.node:
         os.environ["MAGI_NODE_NAME"] = args.node
-    run_service("magi-agent", build)
+    run_service("magi-agent", build, own_watchdog=True)
     return 0
 
 

@@ -80,7 +80,7 @@ def nats_urls(plan: Plan) -> str:
     return ",".join(f"tls://{n.host}:{plan.nats_port}" for n in plan.nats)
 
 
-def _env_file(plan: Plan, node: NodeConfig, token_path: str) -> str:
+def _env_file(plan: Plan, node: NodeConfig) -> str:
     lines = {
         "MAGI_NODE_NAME": node.name,
         "MAGI_CLUSTER_ADDRESS": node.host,
@@ -91,7 +91,6 @@ def _env_file(plan: Plan, node: NodeConfig, token_path: str) -> str:
         "MAGI_RPC_PORTS": RPC_PORTS,
         "MAGI_STREAM_REPLICAS": str(len(plan.nats)),
         "RAY_AUTH_MODE": "token",
-        "RAY_AUTH_TOKEN_PATH": token_path,
     }
     if node.name == plan.head.name:
         # The head's agent runs the Ray head on its cluster address; its inference service connects to it.
@@ -100,7 +99,8 @@ def _env_file(plan: Plan, node: NodeConfig, token_path: str) -> str:
     else:
         lines["MAGI_RAY_JOIN"] = f"{plan.head.host}:{RAY_PORT}"
     header = (f"# MAGI environment of node {node.name} (written by `magi cluster init`; mode 600).\n"
-              "# Services' and the agent's NATS seeds come from systemd credentials: MAGI_NATS_CREDS=%d/nats.nk.\n")
+              "# Secrets are not here: the units load them as systemd credentials (MAGI_NATS_CREDS=%d/nats.nk,\n"
+              f"# RAY_AUTH_TOKEN_PATH=%d/ray-token). Run by hand: point those at {plan.etc_of(node)}/credentials/.\n")
     return header + "".join(f"{k}={v}\n" for k, v in lines.items() if v != "")
 
 
@@ -177,8 +177,7 @@ def _node_folder(directory: Path, plan: Plan, node: NodeConfig, users: dict[str,
             natsauth.write_private(creds / f"{role}.nk", (secrets_dir / f"{role}.nk").read_bytes())
     natsauth.write_private(creds / "ray-token", token)
     shutil.copyfile(ca_pem, out / "ca.pem")
-    natsauth.write_private(out / "magi.env",
-                           _env_file(plan, node, f"{plan.etc_of(node)}/credentials/ray-token").encode())
+    natsauth.write_private(out / "magi.env", _env_file(plan, node).encode())
     if not (out / "agent.yaml").exists():
         (out / "agent.yaml").write_text(POLICY_TEMPLATE)
     (out / "magi.nft").write_text(firewall_rules(plan, node))

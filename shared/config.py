@@ -35,6 +35,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cluster_address: str = "127.0.0.1"
     ray_join: str = ""  # HEAD:PORT of a Ray cluster this node's agent joins (worker nodes only)
     ray_head_port: int = 0  # the head node: its agent runs the Ray head on the cluster address, this GCS port
+    # Where the head keeps Ray's sessions and sockets; the inference service must see the same folder
+    # (under systemd, with PrivateTmp, /var/lib/magi/ray). Empty: Ray's own /tmp/ray.
+    ray_temp_dir: str = ""
     # This process's NATS nkey seed file; empty: `$MAGI_HOME/secrets/nats/<role>.nk` (the local stack's).
     nats_creds: str = ""
     rpc_ports: str = DEFAULT_RPC_PORTS  # the ports llama.cpp RPC shards take, so a firewall rule can name them
@@ -72,6 +75,7 @@ _ENV = {
     "cluster_address": "MAGI_CLUSTER_ADDRESS",
     "ray_join": "MAGI_RAY_JOIN",
     "ray_head_port": "MAGI_RAY_HEAD_PORT",
+    "ray_temp_dir": "MAGI_RAY_TEMP_DIR",
     "nats_creds": "MAGI_NATS_CREDS",
     "nats_ca": "MAGI_NATS_CA",
     "agent_policy": "MAGI_AGENT_POLICY",

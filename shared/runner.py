@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from typing import Awaitable, Callable
 
+from shared import sdnotify
 from shared.config import Settings, load_settings
 from shared.logs import setup_logging
 from shared.service import MagiService, wait_for_signal
@@ -17,17 +19,33 @@ log = logging.getLogger("magi.runner")
 Builder = Callable[[Settings], Awaitable[tuple[MagiService, Callable[[], Awaitable[None]]]]]
 
 
-def run_service(name: str, build: Builder) -> None:
+async def _watchdog(interval: float) -> None:
+    """Ping systemd's watchdog while the event loop runs: a hung loop stops the pings and gets restarted."""
+    while True:
+        sdnotify.notify("WATCHDOG=1")
+        await asyncio.sleep(interval)
+
+
+def run_service(name: str, build: Builder, *, own_watchdog: bool = False) -> None:
+    """`own_watchdog`: the service pings systemd itself (the agent does, with every heartbeat)."""
     setup_logging(name)
     settings = load_settings()
     provider = setup_tracing(name, settings.home_path)
 
     async def serve() -> None:
         service, cleanup = await build(settings)
+        pinger = None
         try:
             await service.start()
+            sdnotify.notify("READY=1")
+            usec = int(os.environ.get("WATCHDOG_USEC", "0") or 0)
+            if usec and not own_watchdog:
+                pinger = asyncio.create_task(_watchdog(usec / 2e6))
             await wait_for_signal()
         finally:
+            sdnotify.notify("STOPPING=1")
+            if pinger is not None:
+                pinger.cancel()
             await service.close()
             await cleanup()
             log.info("stopped", extra={"service": name})

@@ -92,7 +92,7 @@ def ray_head_spec(settings: Settings, node: str) -> InstanceSpec | None:
     if not settings.ray_head_port:
         return None
     command = [_ray_bin(), "start", "--block", "--head", "--port", str(settings.ray_head_port),
-               "--include-dashboard=false",
+               "--include-dashboard=false", *(["--temp-dir", settings.ray_temp_dir] if settings.ray_temp_dir else []),
                *_common(settings, node)]
     return InstanceSpec(instance_id=RAY_HEAD_ID, ram_gb=0.0, command=command, restart="always", env=_RAY_ENV)
 

@@ -51,8 +51,10 @@ class Cluster:
     def node_env(self, node: str, creds: str, **extra: str) -> dict[str, str]:
         base = {k: v for k, v in os.environ.items() if not k.startswith(("MAGI_", "RAY_"))}
         base.update(_env_file(self.out / "nodes" / node / "magi.env"))
+        creds_dir = self.out / "nodes" / node / "credentials"  # what systemd's LoadCredential= hands the units
         base.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", MAGI_HEARTBEAT_S="1",
-                    MAGI_NATS_CREDS=str(self.out / "nodes" / node / "credentials" / f"{creds}.nk"), **extra)
+                    MAGI_NATS_CREDS=str(creds_dir / f"{creds}.nk"), RAY_AUTH_TOKEN_PATH=str(creds_dir / "ray-token"),
+                    **extra)
         return base
 
     def probe(self, host: str, step: str, *args: str, seed: str, timeout: float = 320) -> dict:
