@@ -15,6 +15,7 @@ import msgspec
 from shared import bus, stack
 from shared.config import load_settings
 from shared.errors import MagiError
+from shared.logs import quiet_tls_eof
 from shared.roles import ROLES
 from shared.table import render
 
@@ -451,6 +452,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_tls_eof()
     _CONTEXT.update(settings=_settings(args), role=args.bus_role)
     try:
         return args.func(args)

@@ -25,7 +25,18 @@ class JsonFormatter(logging.Formatter):
         return msgspec.json.encode(entry, enc_hook=str).decode()
 
 
+def _not_tls_eof_noise(record: logging.LogRecord) -> bool:
+    # asyncio warns each time a TLS connection nats-py holds closes ("returning true from eof_received()
+    # has no effect when using ssl"): harmless, and one line per disconnect on a TLS bus.
+    return "eof_received() has no effect when using ssl" not in record.getMessage()
+
+
+def quiet_tls_eof() -> None:
+    logging.getLogger("asyncio").addFilter(_not_tls_eof_noise)
+
+
 def setup_logging(service: str) -> None:
+    quiet_tls_eof()
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter())
     root = logging.getLogger()

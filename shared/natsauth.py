@@ -4,8 +4,8 @@ Why nkeys in the server config rather than decentralized JWT accounts: a home or
 operator and one account, and every permission then sits in one file the operator can read and diff
 (`nats.conf`), with no resolver, operator key or JWT library to keep (PyPI's `nats-jwt` calls itself
 "not well-tested"); `nkeys` is nats-io's own package and nats-py's own dependency for this. A new node
-is one more user in that file and a config reload (`magi cluster add-node`); JWTs would spare the reload,
-at the cost of all the machinery above.
+is one more user in that file and a config reload (re-run `magi cluster init`, `systemctl reload
+magi-nats`); JWTs would spare the reload, at the cost of all the machinery above.
 
 A seed file (`<identity>.nk`, mode 0600) holds the private seed; the server config holds only the
 public key. Seeds never enter git: they live under `$MAGI_HOME/secrets/nats/` or wherever

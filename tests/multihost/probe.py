@@ -39,23 +39,26 @@ async def _connect(seed: str | None = None, tls: bool = True, **options):
 
 
 async def _until(check, timeout: float):
+    """Ask `check(nc)` on one connection every half second until it returns something true."""
+    nc = await _connect()
     deadline = time.monotonic() + timeout
-    while True:
-        try:
-            result = await check()
-            if result:
-                return result
-        except MagiError:
-            pass
-        if time.monotonic() > deadline:
-            raise SystemExit(f"not ready within {timeout:.0f} s")
-        await asyncio.sleep(0.5)
+    try:
+        while True:
+            try:
+                result = await check(nc)
+                if result:
+                    return result
+            except MagiError:
+                pass
+            if time.monotonic() > deadline:
+                raise SystemExit(f"not ready within {timeout:.0f} s")
+            await asyncio.sleep(0.5)
+    finally:
+        await nc.close()
 
 
 async def services(names: list[str]) -> dict:
-    nc = await _connect()
-
-    async def all_answer():
+    async def all_answer(nc):
         for name in names:
             try:
                 await nc.request(f"$SRV.PING.magi-{name}", b"", timeout=1)
@@ -64,34 +67,25 @@ async def services(names: list[str]) -> dict:
         return True
 
     await _until(all_answer, 300)
-    await nc.close()
     return {"services": names}
 
 
 async def nodes(names: list[str]) -> dict:
-    nc = await _connect()
-
-    async def healthy():
+    async def healthy(nc):
         reply = await bus.request(nc, "magi.sched.nodes", b"{}", NodesReply, timeout=5)
         seen = {n.name: n.status for n in reply.nodes}
         return seen if all(seen.get(n) in ("HEALTHY", "DEGRADED") for n in names) else None
 
-    seen = await _until(healthy, 120)
-    await nc.close()
-    return {"nodes": seen}
+    return {"nodes": await _until(healthy, 120)}
 
 
 async def models(names: list[str]) -> dict:
-    nc = await _connect()
-
-    async def ready():
+    async def ready(nc):
         reply = await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)
         states = {m.name: [r.state for r in m.replicas] for m in reply.models}
         return reply if all(states.get(n) and all(s == "ready" for s in states[n]) for n in names) else None
 
-    reply = await _until(ready, 300)
-    await nc.close()
-    return msgspec.to_builtins(reply)
+    return msgspec.to_builtins(await _until(ready, 300))
 
 
 async def mission() -> dict:
