@@ -39,6 +39,11 @@ _ORCHESTRATOR_DENY = [*_NEVER, "magi.sched.>", "magi.mission.run", "magi.mission
                       "$JS.API.CONSUMER.DELETE.>", "$JS.API.ACCOUNT.>", "$JS.API.META.>", "$JS.API.SERVER.>"]
 
 
+# Subjects only their service (or a node's agent) may answer: no user identity may subscribe to them.
+_SERVED = ["magi.sched.>", "magi.mission.run", "magi.mission.submit", "magi.infer.>", "magi.memory.>",
+           "magi.consensus.>", "magi.node.*.info", "magi.node.*.reconcile"]
+
+
 class Permissions(msgspec.Struct, kw_only=True):
     pub_allow: list[str] = []
     pub_deny: list[str] = []
@@ -128,8 +133,10 @@ def _role_table() -> dict[str, Permissions]:
             summary="missions, generate/cancel/models/embed, memory search/upsert, consensus get, read-only status "
                     "(nodes, report, node info, `$SRV` discovery), mission results; may not serve any `magi.` subject"),
         "admin": Permissions(
-            pub_allow=[">"], sub_allow=[">"],
-            summary="everything: place, release, drain, instance logs, stream management"),
+            pub_allow=[">"], pub_deny=["magi.node.*.heartbeat", "magi.node.*.logs.>"],
+            sub_allow=[">"], sub_deny=_SERVED,
+            summary="everything a client may, plus place, release, drain, instance logs, stream management; "
+                    "never speaks for a node or answers a service's subject"),
     }
 
 

@@ -34,7 +34,7 @@ BIN = Path(sys.executable).parent
 def servers(tmp_path_factory):
     """NATS and Redis from the local stack's own code, with no MAGI service: they run in-process here."""
     tmp = tmp_path_factory.mktemp("agent-sched")
-    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE,))
+    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE, "x"))
     state = asyncio.run(stack.up(cfg))
     policy = tmp / "agent.yaml"
     policy.write_text(f"programs: [{json.dumps(sys.executable)}]\n")
@@ -210,10 +210,15 @@ async def test_bad_requests_get_400_and_garbage_heartbeats_are_dropped(servers, 
         assert msg.headers and msg.headers.get(ERROR_CODE_HEADER) == "400", subject
         assert json.loads(msg.data)["error"]["field"] == "$"
 
+    # Sent as node x's own agent (the only identity nats-server lets publish there): the scheduler must
+    # still drop what is malformed, or names another node, or claims an interval beyond the 60 s bound.
+    agent_x = await stack.connect_as(servers.home, servers.nats_url, "agent-x")
     spoof = msgspec.json.encode(Heartbeat(node="y", seq=1, sent_at=0.0))
-    for payload in (b"{bad", b"[]", b"", b'{"node": 5}', b"\xff\xfe", spoof):
-        await nc.publish("magi.node.x.heartbeat", payload)
-    await nc.flush()
+    lazy = json.dumps({"node": "x", "seq": 1, "sent_at": 0.0, "interval_s": 1e308}).encode()
+    for payload in (b"{bad", b"[]", b"", b'{"node": 5}', b"\xff\xfe", spoof, lazy):
+        await agent_x.publish("magi.node.x.heartbeat", payload)
+    await agent_x.flush()
+    await agent_x.close()
     await asyncio.sleep(3 * HEARTBEAT_S)
     nodes = await _nodes(nc)
     assert set(nodes) == {NODE} and nodes[NODE].status in ("HEALTHY", "DEGRADED")

@@ -37,10 +37,12 @@ def test_an_agent_may_publish_only_for_its_own_node():
         roles.permissions("root")
 
 
-def test_only_the_scheduler_and_admin_may_serve_scheduler_subjects():
+def test_only_the_scheduler_may_serve_scheduler_subjects():
     for identity, perms in roles.ROLE_PERMISSIONS.items():
-        serves = any(s in ("magi.sched.>", ">") for s in perms.sub_allow) and "magi.>" not in perms.sub_deny
-        assert serves == (identity in ("scheduler", "admin")), identity
+        serves = any(s in ("magi.sched.>", ">") for s in perms.sub_allow) and not (
+            {"magi.>", "magi.sched.>"} & set(perms.sub_deny))
+        assert serves == (identity == "scheduler"), identity
+    assert {"magi.node.*.heartbeat", "magi.node.*.logs.>"} <= set(roles.permissions("admin").pub_deny)
 
 
 def test_clients_and_services_with_free_outputs_never_reach_control_subjects():
