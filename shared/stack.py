@@ -116,6 +116,7 @@ def ensure_credentials(cfg: StackConfig, agents: list[str] = ()) -> None:
     """One nkey seed per role, and one per agent node, under `$MAGI_HOME/secrets/nats` (created once)."""
     for identity in (*SERVICE_ROLES, *USER_ROLES, *(agent_identity(n) for n in agents)):
         natsauth.ensure_seed(cfg.secrets, identity)
+    (cfg.home / "secrets").chmod(0o700)  # the TLS keys live beside the seeds
 
 
 def _tls(cfg: StackConfig) -> Tls | None:
