@@ -35,8 +35,8 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     cluster_address: str = "127.0.0.1"
     ray_join: str = ""  # HEAD:PORT of a Ray cluster this node's agent joins (worker nodes only)
     ray_head_port: int = 0  # the head node: its agent runs the Ray head on the cluster address, this GCS port
-    # Where the head keeps Ray's sessions and sockets; the inference service must see the same folder
-    # (under systemd, with PrivateTmp, /var/lib/magi/ray). Empty: Ray's own /tmp/ray.
+    # Where this node's Ray keeps its sessions and sockets; on the head the inference service must see the
+    # same folder (under systemd, with PrivateTmp, /var/lib/magi/ray). Empty: Ray's own /tmp/ray.
     ray_temp_dir: str = ""
     # This process's NATS nkey seed file; empty: `$MAGI_HOME/secrets/nats/<role>.nk` (the local stack's).
     nats_creds: str = ""

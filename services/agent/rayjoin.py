@@ -69,6 +69,7 @@ def _common(settings: Settings, node: str) -> list[str]:
         "--resources", json.dumps({f"magi_node:{node}": NODE_RESOURCE_UNITS}),
         "--num-cpus", str(os.cpu_count() or 1), "--disable-usage-stats",
         "--object-store-memory", str(OBJECT_STORE_BYTES),
+        *(["--temp-dir", settings.ray_temp_dir] if settings.ray_temp_dir else []),
     ]
 
 
@@ -92,8 +93,7 @@ def ray_head_spec(settings: Settings, node: str) -> InstanceSpec | None:
     if not settings.ray_head_port:
         return None
     command = [_ray_bin(), "start", "--block", "--head", "--port", str(settings.ray_head_port),
-               "--include-dashboard=false", *(["--temp-dir", settings.ray_temp_dir] if settings.ray_temp_dir else []),
-               *_common(settings, node)]
+               "--include-dashboard=false", *_common(settings, node)]
     return InstanceSpec(instance_id=RAY_HEAD_ID, ram_gb=0.0, command=command, restart="always", env=_RAY_ENV)
 
 

@@ -1,6 +1,6 @@
-"""Hosts made of network namespaces: each has its own network stack, its own /tmp (as separate machines
-do: Ray keeps its sessions there), and a veth into a switch namespace holding a bridge. Everything is
-created by the test and deleted afterwards; no address outside the private subnet is ever used.
+"""Hosts made of network namespaces: each has its own network stack and a veth into a switch namespace
+holding a bridge. Everything is created by the test and deleted afterwards; no address outside the
+private subnet is ever used. (The hosts share one filesystem: each node's Ray gets its own temp dir.)
 """
 
 from __future__ import annotations
@@ -42,28 +42,21 @@ class Host:
     name: str
     ns: str
     address: str
-    root: Path  # its own files: tmp/ (mounted as /tmp inside), logs
+    root: Path  # its own files: logs, Ray's temp dir
     procs: list[subprocess.Popen] = field(default_factory=list)
 
     def popen(self, argv: list[str], env: dict[str, str], log_name: str, cwd: str | None = None) -> subprocess.Popen:
-        """Run `argv` on this host: its network namespace, and its own directory mounted over /tmp."""
-        tmp = self.root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        os.chmod(tmp, 0o1777)
-        wrapped = ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   'mount --bind "$0" /tmp && exec "$@"', str(tmp), *argv]
+        """Run `argv` on this host (in its network namespace), its output in <root>/<log_name>.log."""
+        self.root.mkdir(parents=True, exist_ok=True)
         log = open(self.root / f"{log_name}.log", "ab")
-        proc = subprocess.Popen(wrapped, env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                cwd=cwd, start_new_session=True)
+        proc = subprocess.Popen(["ip", "netns", "exec", self.ns, *argv], env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, cwd=cwd, start_new_session=True)
         self.procs.append(proc)
         return proc
 
     def run(self, argv: list[str], env: dict[str, str], timeout: float, cwd: str | None = None):
-        tmp = self.root / "tmp"
-        tmp.mkdir(parents=True, exist_ok=True)
-        wrapped = ["ip", "netns", "exec", self.ns, "unshare", "--mount", "--propagation", "private", "sh", "-c",
-                   'mount --bind "$0" /tmp && exec "$@"', str(tmp), *argv]
-        return subprocess.run(wrapped, env=env, capture_output=True, text=True, timeout=timeout, cwd=cwd)
+        return subprocess.run(["ip", "netns", "exec", self.ns, *argv], env=env, capture_output=True, text=True,
+                              timeout=timeout, cwd=cwd)
 
     def listening(self) -> set[tuple[str, int]]:
         """(address, port) of every listening TCP socket in this host's network namespace."""

@@ -54,8 +54,13 @@ class Cluster:
         creds_dir = self.out / "nodes" / node / "credentials"  # what systemd's LoadCredential= hands the units
         base.update(PYTHONPATH=str(REPO), PYTHONUNBUFFERED="1", MAGI_HEARTBEAT_S="1",
                     MAGI_NATS_CREDS=str(creds_dir / f"{creds}.nk"), RAY_AUTH_TOKEN_PATH=str(creds_dir / "ray-token"),
-                    **extra)
+                    MAGI_RAY_TEMP_DIR=str(self.ray_temp(node)), **extra)
         return base
+
+    def ray_temp(self, node: str) -> Path:
+        # Each machine has its own /tmp/ray; these hosts share a filesystem. Short: Ray's socket paths
+        # under it must fit in 107 bytes.
+        return Path(f"/var/tmp/mh{self.work.name.rsplit('-', 1)[-1]}-{node}")
 
     def probe(self, host: str, step: str, *args: str, seed: str, timeout: float = 320) -> dict:
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MAGI_", "RAY_"))}
@@ -128,7 +133,7 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    work = Path(f"/var/tmp/magi-multihost-{os.getpid()}")  # not /tmp: each host mounts its own over it
+    work = Path(f"/var/tmp/magi-multihost-{os.getpid()}")
     shutil.rmtree(work, ignore_errors=True)
     work.mkdir(parents=True)
     built = Cluster(work)
@@ -143,6 +148,8 @@ def cluster():
         left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
         assert not any(h.ns in left for h in built.net.hosts.values()), left
         shutil.rmtree(work, ignore_errors=True)
+        for node in built.net.hosts:
+            shutil.rmtree(built.ray_temp(node), ignore_errors=True)
 
 
 def _namespace_of(pid: int) -> str:
