@@ -25,6 +25,7 @@ log = logging.getLogger("magi.bus")
 _VIOLATION = re.compile(r'permissions violation for (?P<kind>publish|subscription) to "?(?P<subject>[^"\s]+)"?',
                         re.IGNORECASE)
 _violations: dict[str, float] = {}
+_reported: dict[str, float] = {}
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder] = {}
@@ -47,7 +48,10 @@ async def on_error(exc: Exception) -> None:
                                                                   "subject": subject})
         _violations[subject] = time.monotonic()
         return
-    log.warning("bus error", extra={"error": f"{type(exc).__name__}: {exc}"[:300]})
+    text = f"{type(exc).__name__}: {exc}"[:300]
+    if time.monotonic() - _reported.get(text, -60.0) > 60.0:  # a retrying client repeats itself twice a second
+        log.warning("bus error", extra={"error": text})
+        _reported[text] = time.monotonic()
 
 
 def refused(subject: str, within_s: float = 120.0) -> bool:
