@@ -85,6 +85,10 @@ class StackConfig:
     def secrets(self) -> Path:
         return self.home / "secrets" / "nats"
 
+    @property
+    def tls_dir(self) -> Path:
+        return self.home / "secrets" / "tls"
+
     def node(self) -> str:
         return self.node_name or socket.gethostname()
 
@@ -122,11 +126,10 @@ def ensure_credentials(cfg: StackConfig, agents: list[str] = ()) -> None:
 def _tls(cfg: StackConfig) -> Tls | None:
     if not cfg.tls:
         return None
-    tls_dir = cfg.home / "secrets" / "tls"
-    cert, key = tls_dir / "nats.pem", tls_dir / "nats-key.pem"
+    cert, key = cfg.tls_dir / "nats.pem", cfg.tls_dir / "nats-key.pem"
     if not cert.exists():
-        pki.issue(tls_dir, tls_dir, "nats", ["127.0.0.1", "localhost"])
-    return Tls(cert=cert, key=key, ca=tls_dir / "ca.pem")
+        pki.issue(cfg.tls_dir, cfg.tls_dir, "nats", ["127.0.0.1", "localhost"])
+    return Tls(cert=cert, key=key, ca=cfg.tls_dir / "ca.pem")
 
 
 def write_nats_config(cfg: StackConfig) -> Path:
@@ -157,28 +160,18 @@ async def add_agent(cfg: StackConfig, state: StackState, node: str) -> Path:
     Returns the seed file. Connections already open stay up (nats-server reloads authorization live).
     """
     ensure_credentials(cfg, [node])
-    seed = cfg.secrets / f"{agent_identity(node)}.nk"
     write_nats_config(cfg)
     nats_pid = next(c.pid for c in state.components if c.name == "nats")
     os.kill(nats_pid, signal.SIGHUP)
-    await _until_accepted(state.nats_url, seed, ca=str(cfg.home / "secrets" / "tls" / "ca.pem") if cfg.tls else "")
-    return seed
-
-
-async def _until_accepted(nats_url: str, seed: Path, ca: str, timeout: float = 10.0) -> None:
-    import nats
-
-    deadline = time.monotonic() + timeout
-    while True:
+    deadline = time.monotonic() + 10.0
+    while True:  # the reload is asynchronous: wait until the new user is let in
         try:
-            nc = await nats.connect(nats_url, nkeys_seed=str(seed), connect_timeout=1, max_reconnect_attempts=0,
-                                    allow_reconnect=False, tls=natsauth.tls_context(ca) if ca else None,
-                                    error_cb=_quiet)
+            nc = await connect_as(cfg.home, state.nats_url, agent_identity(node), allow_reconnect=False)
             await nc.close()
-            return
+            return cfg.secrets / f"{agent_identity(node)}.nk"
         except Exception:
             if time.monotonic() > deadline:
-                raise StackError(f"nats-server did not accept {seed.name} after a config reload") from None
+                raise StackError(f"nats-server did not accept node {node}'s agent after a config reload") from None
             await asyncio.sleep(0.1)
 
 
@@ -274,7 +267,7 @@ async def up(cfg: StackConfig, progress: Progress = lambda _msg: None) -> StackS
     """Start everything and return once every service answers `$SRV.PING`. On failure, stop what started."""
     cfg.home.mkdir(parents=True, exist_ok=True)
     # TLS, once on, stays on: clients find the CA under MAGI_HOME and would expect it.
-    cfg.tls = cfg.tls or (cfg.home / "secrets" / "tls" / "ca.pem").exists()
+    cfg.tls = cfg.tls or (cfg.tls_dir / "ca.pem").exists()
     existing = read_state(cfg.home)
     if existing and any(pid_alive(c.pid) for c in existing.components):
         raise StackError(f"a stack is already running from {cfg.home}; `magi down` first")

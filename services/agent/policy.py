@@ -46,8 +46,8 @@ class AgentPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     run_as: str = ""
     source: str = ""  # where it was read from (not a key of the file)
 
-    def allowed_programs(self) -> set[str]:
-        return {os.path.realpath(p) for p in self.programs}
+    def __post_init__(self) -> None:
+        self.programs = [os.path.realpath(p) for p in self.programs]  # compared with resolved programs
 
     def program(self, spec: InstanceSpec) -> str | None:
         """The file `spec` would execute (absolute, symlinks resolved), found as its own PATH would find it."""
@@ -58,7 +58,7 @@ class AgentPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         program = self.program(spec)
         if program is None:
             return f"program {spec.command[0]!r} not found on this node"
-        if program not in self.allowed_programs():
+        if program not in self.programs:
             where = self.source or "no agent policy file (MAGI_AGENT_POLICY)"
             return f"program {program} is not allowed by {where}"
         refused = sorted(k for k in spec.env if not any(fnmatch.fnmatchcase(k, g) for g in self.env))

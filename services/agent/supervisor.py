@@ -87,11 +87,14 @@ class Supervisor:
         if not spec.command:
             inst.state = "reserved"  # placement only: nothing to run on this node
             return
-        argv, env, user = self._launch(spec)
-        if argv is None:
-            inst.state, inst.reason = "refused", env
-            log.warning("instance refused by the node's policy", extra={"instance": spec.instance_id, "reason": env})
+        own = self.own.get(spec.instance_id) == spec
+        refusal = None if own else self.policy.check(spec)
+        if refusal:
+            inst.state, inst.reason = "refused", refusal
+            log.warning("instance refused by the node's policy", extra={"instance": spec.instance_id,
+                                                                        "reason": refusal})
             return
+        argv, env, user = self._launch(spec, own)
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             inst.proc = await asyncio.create_subprocess_exec(
@@ -107,16 +110,14 @@ class Supervisor:
         log.info("instance started", extra={"instance": spec.instance_id, "pid": inst.proc.pid})
         inst.tasks = [asyncio.create_task(self._pump(inst)), asyncio.create_task(self._wait(inst))]
 
-    def _launch(self, spec: InstanceSpec):
-        """(argv, environment, user) to run `spec`, or (None, reason, None) when the policy refuses it."""
-        if self.own.get(spec.instance_id) == spec:
+    def _launch(self, spec: InstanceSpec, own: bool) -> tuple[list[str], dict[str, str], str | None]:
+        """(argv, environment, user) of an allowed instance; the agent's own get the agent's environment."""
+        if own:
             env = {**os.environ, **spec.env, "MAGI_INSTANCE_ID": spec.instance_id, "MAGI_NODE_NAME": self.node}
             return spec.command, env, None
-        why = self.policy.check(spec)
-        if why:
-            return None, why, None
         # Exec the very file the policy approved, not whatever PATH finds at exec time.
-        return [self.policy.program(spec), *spec.command[1:]], self.policy.environment(spec, self.node), self.policy.run_as or None
+        argv = [self.policy.program(spec), *spec.command[1:]]
+        return argv, self.policy.environment(spec, self.node), self.policy.run_as or None
 
     async def _pump(self, inst: Instance) -> None:
         subject = f"magi.node.{self.node}.logs.{inst.spec.instance_id}"
