@@ -35,6 +35,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # The RPC server has no authentication: shards bind to their node's MAGI_CLUSTER_ADDRESS (127.0.0.1 unless
     # set to the node's cluster address); 0.0.0.0 is refused unless this says otherwise.
     rpc_allow_any_address: bool = False
+    # A replica that has not generated its first token this long after it was started is killed and
+    # counted as a failure (a load that hangs must not hold a slot for ever).
+    warmup_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
 
     def __post_init__(self) -> None:
         if len(self.shard_nodes) > self.shards:

@@ -12,6 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generator
 
+# Tokens one embedding text may have (llama.cpp batch size; capped by n_ctx). Longer texts would be cut
+# silently by llama-cpp-python, so the service refuses them first (context.py).
+EMBED_BATCH = 512
+
 
 @dataclass
 class GenerateParams:
@@ -78,7 +82,7 @@ class LlamaCppEngine(Engine):
         kwargs = dict(n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
         if self.embedding:
             # A causal LM has no pooling of its own; mean pooling gives one vector per text.
-            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN)
+            kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_batch=EMBED_BATCH)
         if self.rpc_servers:
             from services.inference import rpc
 

@@ -1,9 +1,9 @@
 """Replica pools: a request waits for a free ready replica, so replicas pull work when free and no
 replica queues requests while another idles (never random queue-group hot spots).
 
-Each replica serves one request at a time. A replica whose process dies is marked `restarting`
-(Ray restarts the actor) and warmed again in the background; a request it was serving is retried
-once on whichever replica frees up next, so the caller only sees latency.
+Each replica serves one request at a time. A replica whose process dies is marked `restarting` and
+started again in the background (keeper.py); a request it was serving is retried once on whichever
+replica frees up next, so the caller only sees latency.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from protos.infer import ModelInfo, ReplicaInfo
+from services.inference.budget import RestartBudget
 from services.inference.catalog import ModelSpec
 from shared.errors import Unavailable
 
@@ -38,6 +39,13 @@ class Replica:
     tokens: int = 0
     busy_s: float = 0.0
     ready_since: float = 0.0
+    placed: list[str] = field(default_factory=list)  # nodes as placed: the replica's, then its shards'
+    budget: RestartBudget = field(default_factory=RestartBudget)
+    draining: bool = False  # being replaced: finishes what it serves, takes nothing new
+
+    @property
+    def index(self) -> int:
+        return int(self.replica_id.rsplit("/", 1)[1])
 
     def mark_ready(self, meta: dict) -> None:
         self.node, self.pid, self.state = meta["node"], meta["pid"], "ready"
@@ -59,6 +67,7 @@ class ModelPool:
     threads: int
     source_path: str
     replicas: list[Replica] = field(default_factory=list)
+    window: Any = None  # a context.ContextWindow: refuses requests that cannot fit (None: not checked)
     queued: int = 0
     # retried: requests finished on another replica after theirs died; migrated: streams continued
     # elsewhere; abandoned: streams stopped because their caller went away.
@@ -73,7 +82,7 @@ class ModelPool:
         return self._changed
 
     def _free(self) -> Replica | None:
-        free = [r for r in self.replicas if r.state == "ready" and r.in_flight == 0]
+        free = [r for r in self.replicas if r.state == "ready" and r.in_flight == 0 and not r.draining]
         # Among free replicas the one that has served least, so work spreads evenly over time.
         return min(free, key=lambda r: (r.served, r.replica_id)) if free else None
 

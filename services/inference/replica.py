@@ -63,6 +63,11 @@ class LlamaReplica:
         return self.engine.embed(texts)
 
     @ray.method(concurrency_group="control")
+    def ping(self) -> int:
+        """Answers even mid-generation (control group): the service's liveness check."""
+        return os.getpid()
+
+    @ray.method(concurrency_group="control")
     def abort(self, request_id: str) -> None:
         """Abort only the named request: by the time this arrives another one may be running."""
         if request_id and request_id == self.current:

@@ -62,33 +62,40 @@ def gang_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
     return [coordinator, *shards]
 
 
-async def _require_ray_node(node: str, timeout: float = RAY_JOIN_WAIT_S) -> None:
-    """Wait for `node` to be in the Ray cluster: agents join a moment after they start, and nodes come late."""
+def live_ray_nodes() -> set[str]:
+    """MAGI nodes whose Ray node is alive (a node that died stays in `ray.nodes()` with Alive false)."""
     import ray
 
-    deadline = time.monotonic() + timeout
-    while node_resource(node) not in await asyncio.to_thread(ray.cluster_resources):
-        if time.monotonic() > deadline:
-            raise Unavailable(f"node {node!r} has not joined the Ray cluster (its agent runs `ray start` with "
-                              f"MAGI_RAY_JOIN; resource {node_resource(node)})", field="node")
-        await asyncio.sleep(0.5)
+    prefix = node_resource("")
+    return {key[len(prefix):] for node in ray.nodes() if node.get("Alive")
+            for key in node.get("Resources", {}) if key.startswith(prefix)}
+
+
+def replica_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
+    """What the scheduler places for one replica: the replica itself, then its shards (if sharded)."""
+    if pool.spec.shards:
+        return gang_specs(pool, replica_id)
+    return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, pool.spec.n_ctx),
+                         gpu_required=pool.spec.backend == "vllm")]
+
+
+def pins(pool: ModelPool, specs: list[InstanceSpec]) -> dict[str, str]:
+    """The catalogue's pins (`node`, `shard_nodes`) as explicit placements."""
+    explicit = {specs[0].instance_id: pool.spec.node} if pool.spec.node else {}
+    explicit.update({spec.instance_id: node for spec, node in zip(specs[1:], pool.spec.shard_nodes)})
+    return explicit
 
 
 class ReplicaFactory:
-    def __init__(self, settings: Settings, nc: Client | None, *, max_restarts: int = 5) -> None:
+    def __init__(self, settings: Settings, nc: Client | None) -> None:
         self.settings = settings
         self.nc = nc
-        self.max_restarts = max_restarts
-        self._generation: dict[str, int] = {}  # a rebuilt replica's actor needs a name of its own
+        self._generation: dict[str, int] = {}  # a restarted replica's actor needs a name of its own
+        self._scheduler_down = False  # one log line per scheduler outage, not one per question
 
     async def __call__(self, pool: ModelPool, index: int) -> Replica:
         replica_id = f"{pool.spec.name}/{index}"
-        specs = gang_specs(pool, replica_id) if pool.spec.shards else [
-            InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, pool.spec.n_ctx),
-                         gpu_required=pool.spec.backend == "vllm")]
-        nodes = await self._place(pool, replica_id, specs)
-        for node in sorted(set(nodes)):
-            await _require_ray_node(node)
+        nodes = await self._place_on_live_nodes(pool, replica_id, replica_specs(pool, replica_id))
         shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
         generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
         actor = self._replica_class().options(
@@ -96,10 +103,13 @@ class ReplicaFactory:
             num_cpus=0,  # llama.cpp threads are sized by the catalogue, not by Ray's CPU accounting
             num_gpus=1 if pool.spec.backend == "vllm" else 0,
             resources={node_resource(nodes[0]): 0.001},
-            max_restarts=self.max_restarts,
+            # The service restarts replicas itself (keeper.py): Ray would restart one only on its pinned
+            # node, and never elsewhere when that node is gone.
+            max_restarts=0,
         ).remote(replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
                  backend=pool.spec.backend, rpc_servers=endpoints or None)
-        return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors)
+        return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
+                       placed=nodes)
 
     @staticmethod
     def _replica_class():
@@ -119,11 +129,48 @@ class ReplicaFactory:
         log.info("rpc shards ready", extra={"model": pool.spec.name, "endpoints": endpoints})
         return actors, list(endpoints)
 
+    async def _place_on_live_nodes(self, pool: ModelPool, replica_id: str, specs: list[InstanceSpec]) -> list[str]:
+        """Where the scheduler places the replica, once those nodes are alive in Ray. The scheduler is asked
+        again while waiting: nodes join Ray a moment after their agent starts, and a node that died is
+        evacuated by the scheduler after a few missed heartbeats, so its answer changes."""
+        deadline = time.monotonic() + RAY_JOIN_WAIT_S
+        while True:
+            nodes = await self._place(pool, replica_id, specs)
+            missing = sorted(set(nodes) - await asyncio.to_thread(live_ray_nodes))
+            if not missing:
+                return nodes
+            if time.monotonic() > deadline:
+                raise Unavailable(f"node(s) {', '.join(missing)} not alive in the Ray cluster (a node's agent runs "
+                                  f"`ray start` with MAGI_RAY_JOIN; resource {node_resource(missing[0])})", field="node")
+            await asyncio.sleep(1.0)
+
+    async def placements(self, replicas: list[tuple[ModelPool, Replica]]) -> dict[str, list[str]] | None:
+        """Where the scheduler places each replica now (its node, then its shards'), in one question;
+        None without a scheduler. Placing ids already placed moves nothing: it answers their node."""
+        if self.nc is None:
+            return None
+        wanted = {r.replica_id: (pool, replica_specs(pool, r.replica_id)) for pool, r in replicas}
+        request = PlaceRequest(instances=[s for _, specs in wanted.values() for s in specs],
+                               placement={k: v for pool, specs in wanted.values() for k, v in pins(pool, specs).items()})
+        try:
+            reply = await bus.request(self.nc, "magi.sched.place", request, PlaceReply, timeout=PLACE_TIMEOUT_S)
+        except MagiError as exc:
+            self._scheduler_outage(exc)
+            return None
+        self._scheduler_outage(None)
+        return {rid: [reply.placements.get(s.instance_id, "") for s in specs] for rid, (_, specs) in wanted.items()}
+
+    def _scheduler_outage(self, exc: MagiError | None) -> None:
+        if exc is not None and not self._scheduler_down:
+            log.warning("scheduler not answering; replicas stay where they are", extra={"error": exc.message})
+        elif exc is None and self._scheduler_down:
+            log.info("scheduler answering again")
+        self._scheduler_down = exc is not None
+
     async def _place(self, pool: ModelPool, replica_id: str, specs: list[InstanceSpec]) -> list[str]:
         """One node per spec, in order: the catalogue's pins (`node`, `shard_nodes`) as explicit placements,
         the scheduler's choice for the rest; the pins or the local node without a scheduler."""
-        explicit = {specs[0].instance_id: pool.spec.node} if pool.spec.node else {}
-        explicit.update({spec.instance_id: node for spec, node in zip(specs[1:], pool.spec.shard_nodes)})
+        explicit = pins(pool, specs)
         fixed = [explicit.get(s.instance_id) or pool.spec.node or self.settings.node() for s in specs]
         if self.nc is None:
             return fixed

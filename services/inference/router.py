@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
 from services.inference.catalog import Catalog, resolve_model, threads_for
+from services.inference.context import ContextWindow
+from services.inference.follow import FOLLOW_INTERVAL_S, Follower, Where
+from services.inference.keeper import Keeper, Make, actor_died
 from services.inference.pool import ModelPool, Replica
 from shared.errors import NotFound, Unavailable
 
@@ -28,12 +31,6 @@ class CallerGone(Exception):
     """Raised by a stream's emit callback when nobody listens any more: generation stops."""
 
 
-def _actor_died(exc: BaseException) -> bool:
-    from ray.exceptions import RayActorError
-
-    return isinstance(exc, RayActorError)
-
-
 @dataclass
 class _Job:
     replica: Replica | None = None  # None while the request waits for a free replica
@@ -44,68 +41,48 @@ _CANCELLED = {"text": "", "prompt_tokens": 0, "completion_tokens": 0, "finish_re
 
 
 class Router:
-    def __init__(self, catalog: Catalog, *, max_restarts: int = 5) -> None:
+    def __init__(self, catalog: Catalog, *, follow_interval_s: float = FOLLOW_INTERVAL_S) -> None:
         self.catalog = catalog
-        self.max_restarts = max_restarts
+        self.follow_interval_s = follow_interval_s
         self.pools: dict[str, ModelPool] = {}
         self.jobs: dict[str, _Job] = {}
         self.cancelled = 0
-        self._background: set[asyncio.Task] = set()
-        self._make: Callable[[ModelPool, int], Awaitable[Replica]] | None = None
+        self.keeper: Keeper | None = None
+        self._follower: asyncio.Task | None = None
 
-    async def start(self, make_actor: Callable[[ModelPool, int], Awaitable[Replica]]) -> None:
-        """Create every replica with `make_actor(pool, index)`, then wait until each one has really generated."""
-        self._make = make_actor
+    async def start(self, make_actor: Make, *, where: Where | None = None) -> None:
+        """Create every replica with `make_actor(pool, index)`, wait until each one has really generated,
+        then check on them every `follow_interval_s` (alive? still placed there? see follow.py)."""
+        self.keeper = Keeper(make_actor)
         for spec in self.catalog.models:
             path = str(resolve_model(spec))
             pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=path)
+            pool.window = await asyncio.to_thread(ContextWindow.open, spec, path)
             pool.replicas = [await make_actor(pool, i) for i in range(spec.replicas)]
             self.pools[spec.name] = pool
-        await asyncio.gather(*(self._warm(p, r) for p in self.pools.values() for r in p.replicas))
-        failed = [r.replica_id for p in self.pools.values() for r in p.replicas if r.state != "ready"]
-        if failed:
-            raise Unavailable(f"replicas failed to start: {', '.join(failed)}")
-
-    async def _warm(self, pool: ModelPool, replica: Replica) -> None:
-        """Ready means a real one-token generation went through, not just a live process."""
-        try:
-            replica.mark_ready(await replica.actor.warmup.remote())
-            log.info("replica ready", extra={"replica": replica.replica_id, "node": replica.node, "pid": replica.pid})
-        except Exception:
+        warmed = await asyncio.gather(*(self.keeper.warm(p, r) for p in self.pools.values() for r in p.replicas))
+        replicas = [r for p in self.pools.values() for r in p.replicas]
+        failed = [r for r, ok in zip(replicas, warmed) if not ok]
+        for replica in failed:
             replica.state, replica.pid = "failed", 0
-            log.exception("replica failed to start", extra={"replica": replica.replica_id})
-        await pool.notify()
+            self.keeper.retire(replica)
+        if failed:
+            raise Unavailable(f"replicas failed to start: {', '.join(r.replica_id for r in failed)}")
+        follower = Follower(self.pools.values(), self.keeper, where, interval_s=self.follow_interval_s)
+        self._follower = asyncio.create_task(follower.run(), name="replica-follower")
 
     def _lost(self, pool: ModelPool, replica: Replica) -> None:
-        """The replica's process died: Ray restarts the actor; warm it again before it serves."""
-        if replica.state not in ("ready", "starting"):
-            return
-        replica.restarts += 1
-        replica.state, replica.pid = ("restarting", 0) if replica.restarts <= self.max_restarts else ("failed", 0)
-        log.warning("replica died", extra={"replica": replica.replica_id, "restarts": replica.restarts})
-        if replica.state == "restarting":
-            # A sharded replica usually died because a shard did (llama.cpp aborts on a lost RPC peer),
-            # and Ray would restart it against the same dead endpoint: rebuild the whole gang instead.
-            recover = self._rebuild(pool, replica) if replica.shard_actors else self._warm(pool, replica)
-            task = asyncio.create_task(recover)
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
+        if self.keeper is not None:
+            self.keeper.lost(pool, replica, replica.actor)
 
-    async def _rebuild(self, pool: ModelPool, replica: Replica) -> None:
-        import ray
+    async def check_fits(self, pool: ModelPool, messages: list[dict[str, str]], max_tokens: int) -> None:
+        """400 for a request that cannot fit the model's context window, before any replica sees it."""
+        if pool.window is not None:
+            await asyncio.to_thread(pool.window.check_generate, messages, max_tokens)
 
-        for actor in [replica.actor, *replica.shard_actors]:
-            ray.kill(actor, no_restart=True)
-        try:
-            fresh = await self._make(pool, int(replica.replica_id.rsplit("/", 1)[1]))
-        except Exception:
-            replica.state = "failed"
-            log.exception("could not rebuild sharded replica", extra={"replica": replica.replica_id})
-            await pool.notify()
-            return
-        replica.actor, replica.shards, replica.shard_actors, replica.node = (
-            fresh.actor, fresh.shards, fresh.shard_actors, fresh.node)
-        await self._warm(pool, replica)
+    async def check_embed_fits(self, pool: ModelPool, texts: list[str]) -> None:
+        if pool.window is not None:
+            await asyncio.to_thread(pool.window.check_embed, texts)
 
     def resolve(self, model: str, role: str | None, *, embedding: bool = False) -> ModelPool:
         if model:
@@ -144,7 +121,7 @@ class Router:
             try:
                 out = await self._on(pool, replica, request_id, replica.actor.generate.remote(params, request_id))
             except Exception as exc:
-                if not _actor_died(exc) or attempt == ATTEMPTS:
+                if not actor_died(exc) or attempt == ATTEMPTS:
                     raise
                 pool.counters["retried"] += 1
                 continue
@@ -166,7 +143,7 @@ class Router:
             replica.actor.abort.remote(request_id)  # the caller gave up (deadline): stop at the next token
             raise
         except Exception as exc:
-            if _actor_died(exc):
+            if actor_died(exc):
                 self._lost(pool, replica)
             raise
         finally:
@@ -191,7 +168,7 @@ class Router:
             try:
                 final = await self._on(pool, replica, request_id, self._pump(replica, left, request_id, sent, emit))
             except Exception as exc:
-                if not _actor_died(exc) or attempt == ATTEMPTS or len(sent) >= params["max_tokens"]:
+                if not actor_died(exc) or attempt == ATTEMPTS or len(sent) >= params["max_tokens"]:
                     raise
                 log.warning("stream migrated", extra={"request_id": request_id, "after_pieces": len(sent)})
                 pool.counters["migrated"] += 1
@@ -241,11 +218,10 @@ class Router:
         return {"models": {name: p.stats() for name, p in self.pools.items()}, "cancelled": self.cancelled}
 
     async def close(self) -> None:
-        import ray
-
-        for task in list(self._background):
-            task.cancel()
-        for pool in self.pools.values():
-            for replica in pool.replicas:
-                for actor in [replica.actor, *replica.shard_actors]:
-                    ray.kill(actor, no_restart=True)
+        if self._follower is not None:
+            self._follower.cancel()
+        if self.keeper is not None:
+            await self.keeper.close()
+            for pool in self.pools.values():
+                for replica in pool.replicas:
+                    self.keeper.retire(replica)

@@ -51,6 +51,7 @@ class InferenceEndpoints:
         if req.request_id and req.request_id in self.router.jobs:
             raise BadRequest(f"request_id {req.request_id!r} is already running", field="request_id")
         request_id = req.request_id or uuid.uuid4().hex
+        await self.router.check_fits(pool, messages, req.max_tokens)
         params = {
             "messages": messages, "max_tokens": req.max_tokens, "temperature": req.temperature,
             "top_p": req.top_p, "stop": req.stop, "seed": req.seed,
@@ -83,6 +84,7 @@ class InferenceEndpoints:
 
     async def embed(self, req: EmbedRequest, ctx: RequestContext) -> EmbedReply:
         pool = self.router.resolve(req.model, None, embedding=True)
+        await self.router.check_embed_fits(pool, req.texts)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 replica, vectors = await self.router.embed(pool, req.texts, uuid.uuid4().hex)
@@ -106,7 +108,8 @@ async def build(settings: Settings):
     start_ray(settings)
     router = Router(catalog)
     try:
-        await router.start(ReplicaFactory(settings, nc))
+        factory = ReplicaFactory(settings, nc)
+        await router.start(factory, where=factory.placements)
     except BaseException:
         stop_ray()
         await nc.close()

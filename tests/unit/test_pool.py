@@ -65,3 +65,13 @@ async def test_stats_report_queue_and_utilisation():
     await pool.acquire()
     assert pool.stats() == {"queued": 0, "in_flight": 1, "ready": 2, "utilisation": 0.5,
                             "retried": 0, "migrated": 0, "abandoned": 0}
+
+
+async def test_a_draining_replica_takes_nothing_new_but_stays_live():
+    pool = _pool(["ready", "ready"])
+    pool.replicas[0].draining = True
+    assert (await pool.acquire()).replica_id == "m/1"
+    waiting = asyncio.create_task(pool.acquire())
+    await asyncio.sleep(0.01)
+    assert not waiting.done(), "a draining replica is live: the request waits rather than failing"
+    waiting.cancel()
