@@ -34,9 +34,11 @@ class ConsensusRecord(msgspec.Struct, kw_only=True):
     groups: list[list[str]] = []
     mission_id: str = ""
     created_at: str = ""
+    copies: int = 1  # records stored for this mission id (a lookup by mission_id says; 1 unless duplicated)
 
 
 class GetRequest(msgspec.Struct, kw_only=True):
-    """`magi.consensus.get`: read a stored consensus record back by id."""
+    """`magi.consensus.get`: read a stored consensus record back by its id, or by its mission's id."""
 
-    id: Annotated[str, msgspec.Meta(min_length=1, max_length=200)]
+    id: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    mission_id: Annotated[str, msgspec.Meta(max_length=64)] = ""

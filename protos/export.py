@@ -12,6 +12,9 @@ from protos import common, consensus, infer, memory, mission, node, sched
 # subject -> (request type, reply type); events have no reply.
 SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.mission.run": (mission.MissionRequest, mission.MissionReply),
+    "magi.mission.submit": (mission.MissionRequest, None),  # JetStream; the result: magi.mission.result.<id>
+    "magi.mission.get": (mission.MissionGet, mission.MissionReply),
+    "magi.mission.dead.<id>": (mission.DeadLetter, None),
     "magi.infer.generate": (infer.GenerateRequest, infer.GenerateReply),
     "magi.infer.cancel": (infer.CancelRequest, infer.CancelReply),
     "magi.infer.generate.stream": (infer.StreamChunk, None),  # each chunk of a streamed generation
@@ -43,7 +46,7 @@ def schemas() -> dict[str, str]:
                "request": req_schema, "$defs": components}
         if rest:
             doc["reply"] = rest[0]
-        name = subject.replace("<node>", "NODE") + ".json"
+        name = subject.replace("<node>", "NODE").replace("<id>", "ID") + ".json"
         out[name] = json.dumps(doc, indent=2, sort_keys=True) + "\n"
     return out
 

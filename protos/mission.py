@@ -7,9 +7,14 @@ import msgspec
 from protos.consensus import Strategy
 from protos.memory import Namespace, SearchHit
 
-# JetStream: missions published to SUBMIT_SUBJECT (a work queue), results stored under RESULT_PREFIX.<id>.
+# JetStream: missions published to SUBMIT_SUBJECT (a work queue), results stored under RESULT_PREFIX.<id>,
+# missions that kept failing under DEAD_PREFIX.<id>.
 SUBMIT_STREAM, SUBMIT_SUBJECT = "MAGI_MISSIONS", "magi.mission.submit"
 RESULT_STREAM, RESULT_PREFIX = "MAGI_MISSION_RESULTS", "magi.mission.result"
+DEAD_STREAM, DEAD_PREFIX = "MAGI_MISSIONS_DEAD", "magi.mission.dead"
+
+# A mission id is one subject token: it names the result subject and de-duplicates re-submissions.
+MissionId = Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{1,64}$")]
 
 class MissionRequest(msgspec.Struct, kw_only=True):
     """`magi.mission.run`: the seed-000 mission keys plus consensus strategy and deadline."""
@@ -26,6 +31,25 @@ class MissionRequest(msgspec.Struct, kw_only=True):
     k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     # Each clone's result is published here (a `CloneResult`) as soon as it finishes, for progress.
     progress_subject: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_$.-]*$", max_length=256)] = ""
+    # The caller's name for this mission (an idempotency key): sending it again, by either entry point,
+    # never runs it twice; its result is `magi.mission.result.<id>` / `magi.mission.get`. Empty: one is made.
+    mission_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_-]{0,64}$")] = ""
+
+
+class MissionGet(msgspec.Struct, kw_only=True):
+    """`magi.mission.get`: the stored result of a mission (its reply, or the error it ended with)."""
+
+    mission_id: MissionId
+
+
+class DeadLetter(msgspec.Struct, kw_only=True):
+    """Published on `magi.mission.dead.<id>` when a mission failed on every one of its attempts."""
+
+    mission_id: str
+    attempts: int
+    code: int
+    error: str
+    mission: bytes = b""  # the mission as it was submitted (base64 in JSON)
 
 
 class CloneResult(msgspec.Struct, kw_only=True):

@@ -9,11 +9,16 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Annotated
 
 import msgspec
 
 DEFAULT_NATS_URL = "nats://127.0.0.1:4222"
 DEFAULT_RPC_PORTS = "50100-50199"
+# The scheduler's failover grace, in heartbeat intervals: a node silent this long loses its instances.
+FAILOVER_MISSED_BEATS = 3
+# An agent cut off from the scheduler keeps its assigned instances this many heartbeats by default.
+AGENT_LEASE_BEATS = 10
 
 
 class Settings(msgspec.Struct, kw_only=True, frozen=True):
@@ -44,6 +49,16 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     stream_replicas: int = 1  # JetStream replicas of MAGI's streams: 3 on a 3-server NATS cluster
     agent_policy: str = ""  # what instances may run on this node; empty: /etc/magi/agent.yaml if any, else nothing
     nats_ca: str = ""  # CA that signed the NATS servers' certificates; empty: `$MAGI_HOME/secrets/tls/ca.pem` if any
+    # How long an agent that hears no assignments keeps the scheduler's instances running before it stops
+    # them (fences itself); 0: the default of `agent_lease()`. Never below the failover grace.
+    agent_lease_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
+    # The scheduler leader's lease in Redis (renewed every third of it): a dead leader is replaced this fast.
+    sched_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 3.0
+    # Missions: a running mission tells JetStream it is alive every third of this; a crashed orchestrator's
+    # missions are redelivered this long after its last sign of life.
+    mission_ack_wait_s: float = 6.0
+    mission_max_deliver: int = 5  # attempts before a failing mission goes to `magi.mission.dead.<id>`
+    mission_concurrency: int = 16  # missions one orchestrator runs at once
 
     def nats_servers(self) -> list[str]:
         """MAGI_NATS_URL may list several servers of a NATS cluster, comma-separated."""
@@ -55,6 +70,17 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     def node(self) -> str:
         return self.node_name or socket.gethostname()
+
+    def failover_grace_s(self) -> float:
+        """How long the scheduler waits on a silent node before it re-places the node's instances."""
+        return FAILOVER_MISSED_BEATS * self.heartbeat_s
+
+    def agent_lease(self) -> float:
+        """The agent's lease: MAGI_AGENT_LEASE_S raised to the failover grace, so a pause too short to move
+        anything never stops anything. The default also outlasts a scheduler handover (a lease and a renewal)."""
+        grace = self.failover_grace_s()
+        default = max(AGENT_LEASE_BEATS * self.heartbeat_s, grace + 2 * self.sched_lease_s)
+        return max(self.agent_lease_s or default, grace)
 
 
 _ENV = {
@@ -81,6 +107,9 @@ _ENV = {
     "agent_policy": "MAGI_AGENT_POLICY",
     "stream_replicas": "MAGI_STREAM_REPLICAS",
     "rpc_ports": "MAGI_RPC_PORTS",
+    "mission_ack_wait_s": "MAGI_MISSION_ACK_WAIT_S",
+    "mission_max_deliver": "MAGI_MISSION_MAX_DELIVER",
+    "mission_concurrency": "MAGI_MISSION_CONCURRENCY",
 }
 
 

@@ -33,14 +33,15 @@ RESERVED_PREFIXES = ("$", "magi.", "_MAGI.")
 _NEVER = ["$SYS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>", "magi.node.>"]
 _INFERENCE_DENY = [*_NEVER, "$JS.>", "magi.sched.assignments.>", "magi.sched.drain", "magi.sched.release",
                    "magi.mission.>", "magi.memory.>", "magi.infer.>", "magi.consensus.>"]
-_ORCHESTRATOR_DENY = [*_NEVER, "magi.sched.>", "magi.mission.run", "magi.mission.submit", "magi.memory.upsert",
+# The orchestrator pings `$SRV.PING` (two tokens) to notice restarts; it still never answers as a service.
+_ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "magi.sched.>", "magi.mission.run", "magi.mission.get", "magi.memory.upsert",
                       "magi.infer.cancel", "magi.infer.embed", "magi.infer.models", "magi.consensus.get",
                       "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
                       "$JS.API.CONSUMER.DELETE.>", "$JS.API.ACCOUNT.>", "$JS.API.META.>", "$JS.API.SERVER.>"]
 
 
 # Subjects only their service (or a node's agent) may answer: no user identity may subscribe to them.
-_SERVED = ["magi.sched.>", "magi.mission.run", "magi.mission.submit", "magi.infer.>", "magi.memory.>",
+_SERVED = ["magi.sched.>", "magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.>", "magi.memory.>",
            "magi.consensus.>", "magi.node.*.info", "magi.node.*.reconcile"]
 
 
@@ -119,12 +120,13 @@ def _role_table() -> dict[str, Permissions]:
             summary="serves `magi.consensus.>`; publishes nothing but replies"),
         "orchestrator": Permissions(
             pub_allow=[">"], pub_deny=_ORCHESTRATOR_DENY,
-            sub_allow=_service("magi-orchestrator", ["magi.mission.run"], "orchestrator"),
-            summary="serves `magi.mission.run`, consumes `magi.mission.submit`, asks memory, inference and "
-                    "consensus, stores results, publishes progress (never `$SYS`, `_MAGI.` or control subjects; "
-                    "cannot delete or purge streams)"),
+            sub_allow=_service("magi-orchestrator", ["magi.mission.run", "magi.mission.get", "magi.mission.result.>"],
+                               "orchestrator"),
+            summary="serves `magi.mission.run` and `.get`, queues and consumes `magi.mission.submit`, asks memory, "
+                    "inference and consensus, stores results, publishes progress (never `$SYS`, `_MAGI.` or control "
+                    "subjects; cannot delete or purge streams)"),
         "client": Permissions(
-            pub_allow=["magi.mission.run", "magi.mission.submit", "magi.infer.generate", "magi.infer.cancel",
+            pub_allow=["magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.generate", "magi.infer.cancel",
                        "magi.infer.models", "magi.infer.embed", "magi.memory.search", "magi.memory.upsert",
                        "magi.consensus.get", "magi.sched.nodes", "magi.sched.report", "magi.node.*.info",
                        "$SRV.>", *_results_reader()],

@@ -88,7 +88,8 @@ class MagiService:
     def endpoint(self, subject: str, request_type: type[Req], handler: Handler, *, max_concurrency: int = 256) -> None:
         self._endpoints.append(_Endpoint(subject, request_type, handler, max_concurrency))
 
-    async def connect(self) -> Client:
+    async def connect(self, **callbacks) -> Client:
+        """Connect as this service's identity; `callbacks` are nats-py's (e.g. `disconnected_cb`)."""
         self.nc = await nats.connect(
             self.settings.nats_servers(),
             name=self.name,
@@ -96,6 +97,7 @@ class MagiService:
             reconnect_time_wait=0.5,
             error_cb=bus.on_error,
             **connect_options(self.settings, self.identity),
+            **callbacks,
         )
         return self.nc
 

@@ -6,6 +6,7 @@ from protos.consensus import ConsensusRecord, DecideRequest, GetRequest
 from services.consensus.store import ConsensusStore
 from services.consensus.strategies import decide
 from shared.config import Settings
+from shared.errors import BadRequest, NotFound
 from shared.service import MagiService, RequestContext
 
 VERSION = "0.1.0"
@@ -21,7 +22,16 @@ class ConsensusEndpoints:
         return await self.store.get(record_id)  # what was stored, read back
 
     async def get(self, req: GetRequest, ctx: RequestContext) -> ConsensusRecord:
-        return await self.store.get(req.id)
+        if bool(req.id) == bool(req.mission_id):
+            raise BadRequest("give exactly one of id and mission_id", field="id")
+        if req.id:
+            return await self.store.get(req.id)
+        ids = await self.store.ids_of_mission(req.mission_id)
+        if not ids:
+            raise NotFound(f"no consensus record for mission {req.mission_id}", field="mission_id")
+        record = await self.store.get(ids[0])
+        record.copies = len(ids)
+        return record
 
 
 async def build(settings: Settings):

@@ -7,6 +7,7 @@ Values always travel as query variables, never spliced into SurrealQL.
 
 from __future__ import annotations
 
+import hashlib
 import re
 import uuid
 from datetime import datetime
@@ -21,9 +22,11 @@ from shared.errors import BadRequest, NotFound
 
 _ID = re.compile(r"^(?:consensus:)?([A-Za-z0-9_]{1,64})$")
 
+# UPSERT and the vote reset make a retried mission (same key) overwrite its record, never add a second.
 _STORE = """
 BEGIN TRANSACTION;
-CREATE type::thing('consensus', $key) SET mission_id = $mission_id, strategy = $strategy, answer = $answer,
+DELETE vote WHERE consensus = type::thing('consensus', $key);
+UPSERT type::thing('consensus', $key) SET mission_id = $mission_id, strategy = $strategy, answer = $answer,
     agreement = $agreement, winner = $winner, groups = $groups, votes = $votes, timestamp = time::now();
 FOR $vote IN $votes {
     CREATE vote SET consensus = type::thing('consensus', $key), position = $vote.position, clone_id = $vote.clone_id,
@@ -32,7 +35,15 @@ FOR $vote IN $votes {
 COMMIT TRANSACTION;
 """
 _GET = "SELECT * FROM type::thing('consensus', $key);"
+_BY_MISSION = "SELECT id FROM consensus WHERE mission_id = $mission_id;"
 _VOTES = "SELECT * FROM vote WHERE consensus = type::thing('consensus', $key) ORDER BY position;"
+
+
+def record_key(mission_id: str) -> str:
+    """A mission's record key derives from its id, so a retried mission overwrites its one record."""
+    if not mission_id:
+        return uuid.uuid4().hex
+    return "m" + hashlib.sha256(mission_id.encode()).hexdigest()[:40]
 
 
 def parse_id(record_id: str) -> str:
@@ -62,7 +73,7 @@ class ConsensusStore:
         return cls(db)
 
     async def save(self, decision: Decision, votes: list[Vote], strategy: str, mission_id: str) -> str:
-        key = uuid.uuid4().hex
+        key = record_key(mission_id)
         rows = [dict(clone_id=v.clone_id, text=v.text, role=v.role, model=v.model, node=v.node, ok=v.ok, position=i)
                 for i, v in enumerate(votes)]
         await self.db.query(_STORE, {
@@ -85,6 +96,11 @@ class ConsensusStore:
             votes=[Vote(clone_id=v["clone_id"], text=v["text"], role=v.get("role", ""), model=v.get("model", ""),
                         node=v.get("node", ""), ok=v.get("ok", True)) for v in votes],
         )
+
+    async def ids_of_mission(self, mission_id: str) -> list[str]:
+        """Every record stored for a mission (one, unless something bypassed `record_key`)."""
+        rows = await self.db.query(_BY_MISSION, {"mission_id": mission_id})
+        return sorted(f"consensus:{row['id'].id}" if hasattr(row["id"], "id") else str(row["id"]) for row in rows)
 
     async def close(self) -> None:
         await self.db.close()

@@ -1,31 +1,44 @@
-"""Missions published to JetStream (`magi.mission.submit`) instead of asked for by request-reply.
+"""The mission worker: every accepted mission, from either entry point, runs here from JetStream.
 
-Publishing is fire-and-forget for the user but nothing is lost: the submit stream is a work queue
-stored on disk, the orchestrator acknowledges a mission only after its result is stored in the
-results stream under `magi.mission.result.<mission_id>`, and an unacknowledged mission is redelivered
-(at-least-once; a `Nats-Msg-Id` header de-duplicates re-publishes within two minutes).
+Each orchestrator pulls from one shared durable consumer, so several share the work. While a mission
+runs, the worker tells JetStream it is alive (`in_progress`) every third of `ack_wait`; a crashed
+orchestrator's missions are therefore redelivered `ack_wait` after its last sign of life (seconds),
+and a live one never loses its mission to another. The message is acknowledged only after its outcome
+is stored, so a crash at any point means redelivery, never loss; a redelivered mission whose outcome is
+already stored is acknowledged without running again.
+
+Failures: a mission that fails for a reason that may pass (5xx: a service down; a deadline missed while
+a service it waited on restarted or the bus dropped, see `watch`) is retried with growing delays; each
+attempt has the mission's whole `deadline_s`; after `max_deliver` attempts its error is stored as its
+outcome and it goes to `magi.mission.dead.<id>`. A 4xx is final at once. A failure of the worker itself
+(the bus away while storing) naks the message and never stops the loop.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import time
 from typing import Awaitable, Callable
 
 import msgspec
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
-from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
-from protos.mission import RESULT_PREFIX, RESULT_STREAM, SUBMIT_STREAM, SUBMIT_SUBJECT, MissionReply, MissionRequest
+from protos.mission import DEAD_PREFIX, SUBMIT_STREAM, SUBMIT_SUBJECT, DeadLetter, MissionReply, MissionRequest
+from services.orchestrator.results import Outcome, ResultStore, ensure_streams
+from services.orchestrator.watch import Disruptions
 from shared.errors import MagiError, translate
 from shared.service import RequestContext
+from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("magi.orchestrator.queue")
 
 DURABLE = "orchestrator"
+RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # before the 2nd, 3rd, ... attempt
 
 _decoder = msgspec.json.Decoder(MissionRequest)
 _encoder = msgspec.json.Encoder()
@@ -33,66 +46,175 @@ _encoder = msgspec.json.Encoder()
 Runner = Callable[[MissionRequest, RequestContext, str], Awaitable[MissionReply]]
 
 
-async def ensure_streams(nc: Client, replicas: int = 1) -> None:
-    """Both streams on disk; `replicas` 3 on a 3-server NATS cluster, so losing one server loses nothing."""
-    js = nc.jetstream()
-    await js.add_stream(StreamConfig(name=SUBMIT_STREAM, subjects=[SUBMIT_SUBJECT], retention=RetentionPolicy.WORK_QUEUE,
-                                     storage=StorageType.FILE, duplicate_window=120.0, num_replicas=replicas))
-    await js.add_stream(StreamConfig(name=RESULT_STREAM, subjects=[f"{RESULT_PREFIX}.>"], storage=StorageType.FILE,
-                                     max_age=7 * 24 * 3600.0, num_replicas=replicas))
+def mission_id_of(msg, mission: MissionRequest | None) -> str:
+    """The mission's own id, else the publisher's `Nats-Msg-Id`, else the stream sequence."""
+    raw = (mission.mission_id if mission else "") or (msg.headers or {}).get("Nats-Msg-Id") or ""
+    raw = "".join(ch for ch in raw if ch.isalnum() or ch in "-_")[:64]
+    return raw or f"seq{msg.metadata.sequence.stream}"
+
+
+def retry_delay(attempt: int) -> float:
+    return RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)]
+
+
+class Outage:
+    """One log line when the queue becomes unreachable and one when it is back, with the count between."""
+
+    def __init__(self, what: str) -> None:
+        self.what = what
+        self.failures = 0
+        self.since = 0.0
+
+    def failed(self, exc: Exception) -> None:
+        if self.failures == 0:
+            self.since = time.monotonic()
+            log.warning(f"{self.what} unreachable", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        self.failures += 1
+
+    def ok(self) -> None:
+        if self.failures:
+            log.info(f"{self.what} reachable again", extra={"failures": self.failures,
+                                                            "outage_s": round(time.monotonic() - self.since, 1)})
+        self.failures = 0
 
 
 class MissionQueue:
-    def __init__(self, nc: Client, run: Runner, *, ack_wait_s: float = 600.0, replicas: int = 1) -> None:
+    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 5,
+                 concurrency: int = 16, replicas: int = 1) -> None:
         self.nc = nc
-        self.replicas = replicas
         self.run = run
+        self.disruptions = disruptions
         self.ack_wait_s = ack_wait_s
+        self.max_deliver = max_deliver
+        self.concurrency = concurrency
+        self.replicas = replicas
+        self.results = ResultStore(nc)
+        self.running: set[asyncio.Task] = set()
+        self.outage = Outage("mission queue")
         self._task: asyncio.Task | None = None
+
+    def consumer_config(self) -> ConsumerConfig:
+        return ConsumerConfig(durable_name=DURABLE, ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s,
+                              max_deliver=self.max_deliver, max_ack_pending=1024, filter_subject=SUBMIT_SUBJECT)
 
     async def start(self) -> None:
         await ensure_streams(self.nc, self.replicas)
         js = self.nc.jetstream()
-        self._sub = await js.pull_subscribe(
-            SUBMIT_SUBJECT, durable=DURABLE, stream=SUBMIT_STREAM,
-            config=ConsumerConfig(ack_policy=AckPolicy.EXPLICIT, ack_wait=self.ack_wait_s, max_deliver=5),
-        )
-        self._task = asyncio.create_task(self._loop())
+        # Create or update: a consumer left by an older version (a 600 s ack wait) takes today's settings.
+        await js.add_consumer(SUBMIT_STREAM, self.consumer_config())
+        self._sub = await js.pull_subscribe_bind(DURABLE, SUBMIT_STREAM)
+        self._task = asyncio.create_task(self._loop(), name="mission-queue")
 
     async def _loop(self) -> None:
         while True:
+            free = self.concurrency - len(self.running)
+            if free <= 0:
+                await asyncio.wait(self.running, return_when=asyncio.FIRST_COMPLETED)
+                continue
             try:
-                msgs = await self._sub.fetch(batch=4, timeout=1.0)
+                msgs = await self._sub.fetch(batch=free, timeout=1.0)
             except (FetchTimeoutError, NatsTimeoutError):  # nats-py 2.16 raises the latter when nothing waits
+                self.outage.ok()
                 continue
             except asyncio.CancelledError:
                 raise
-            except Exception:
-                log.exception("fetching missions failed")
-                await asyncio.sleep(1.0)
+            except Exception as exc:
+                self.outage.failed(exc)
+                await asyncio.sleep(min(0.25 * 2 ** min(self.outage.failures, 3), 2.0))
                 continue
-            await asyncio.gather(*(self._handle(m) for m in msgs))
+            self.outage.ok()
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(msg))
+                self.running.add(task)
+                task.add_done_callback(self.running.discard)
 
     async def _handle(self, msg) -> None:
-        # The publisher's Nats-Msg-Id names the mission (and de-duplicates); else the stream sequence.
-        mission_id = (msg.headers or {}).get("Nats-Msg-Id") or f"seq{msg.metadata.sequence.stream}"
-        mission_id = "".join(ch for ch in mission_id if ch.isalnum() or ch in "-_")[:64] or "unnamed"
-        subject = f"{RESULT_PREFIX}.{mission_id}"
+        attempt = msg.metadata.num_delivered
         try:
-            reply = await self.run(_decoder.decode(msg.data), RequestContext(subject=msg.subject, headers=dict(msg.headers or {})), mission_id)
-            body, headers = _encoder.encode(reply), {}
+            await self._process(msg, attempt)
+        except asyncio.CancelledError:  # shutting down: hand the mission back now, not after ack_wait
+            with contextlib.suppress(Exception):
+                await msg.nak()
+            raise
+        except Exception as exc:  # storing or acking failed: leave it to redelivery, keep the loop
+            log.warning("mission not settled; it will be redelivered",
+                        extra={"attempt": attempt, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            with contextlib.suppress(Exception):
+                await msg.nak(delay=retry_delay(attempt))
+
+    async def _process(self, msg, attempt: int) -> None:
+        try:
+            mission: MissionRequest | None = _decoder.decode(msg.data)
+            problem: MagiError | None = None
         except Exception as exc:
-            error: MagiError = translate(exc)
-            body = _encoder.encode(error.body())
-            headers = {ERROR_HEADER: error.message, ERROR_CODE_HEADER: str(error.code)}
-        await self.nc.jetstream().publish(subject, body, headers=headers)
+            mission, problem = None, translate(exc)
+        mission_id = mission_id_of(msg, mission)
+        if await self.results.stored(mission_id) is not None:
+            await msg.ack_sync()  # answered before a crash took the ack with it: never run twice
+            log.info("mission already answered", extra={"mission_id": mission_id, "attempt": attempt})
+            return
+        headers = dict(msg.headers or {})
+        with tracer().start_as_current_span("mission.queue", context=extract_context(headers),
+                                            attributes={"magi.mission_id": mission_id, "magi.attempt": attempt}):
+            outcome = Outcome.of_error(problem) if problem else await self._attempt(msg, mission, mission_id, attempt)
+        if outcome is None:
+            return  # nak'd for a later attempt
+        stored = await self.results.store(mission_id, outcome)
         await msg.ack_sync()  # only now: a crash before this point means redelivery, not loss
-        log.info("mission from queue done", extra={"mission_id": mission_id, "failed": bool(headers)})
+        log.info("mission done", extra={"mission_id": mission_id, "attempt": attempt, "failed": outcome.failed,
+                                        "duplicate": not stored})
+
+    async def _attempt(self, msg, mission: MissionRequest, mission_id: str, attempt: int) -> Outcome | None:
+        ctx = RequestContext(subject=msg.subject, headers=dict(msg.headers or {}))
+        started = time.monotonic()
+        async with self._alive(msg):
+            try:
+                return Outcome.of_reply(await self.run(mission, ctx, mission_id))
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                error = translate(exc)
+        lost = self.disruptions.since(started) if error.code == 504 else None
+        if error.code < 500 or (error.code == 504 and not lost):
+            return Outcome.of_error(error)  # wrong, or merely too slow: another attempt would not help
+        if attempt < self.max_deliver:
+            log.warning("mission failed; retrying", extra={"mission_id": mission_id, "attempt": attempt,
+                                                           "code": error.code, "error": error.message[:200],
+                                                           "disruption": lost})
+            await msg.nak(delay=retry_delay(attempt))
+            return None
+        await self._dead_letter(msg, mission_id, attempt, error)
+        return Outcome.of_error(error)
+
+    @contextlib.asynccontextmanager
+    async def _alive(self, msg):
+        """Tell JetStream every third of `ack_wait` that this mission is still being worked on."""
+
+        async def beat() -> None:
+            while True:
+                await asyncio.sleep(self.ack_wait_s / 3)
+                with contextlib.suppress(Exception):  # the bus away: the mission goes on regardless
+                    await msg.in_progress()
+
+        task = asyncio.create_task(beat())
+        try:
+            yield
+        finally:
+            task.cancel()
+
+    async def _dead_letter(self, msg, mission_id: str, attempts: int, error: MagiError) -> None:
+        letter = DeadLetter(mission_id=mission_id, attempts=attempts, code=error.code, error=error.message,
+                            mission=msg.data)
+        await self.nc.jetstream().publish(f"{DEAD_PREFIX}.{mission_id}", _encoder.encode(letter),
+                                          headers={"Nats-Msg-Id": f"dead-{mission_id}"})
+        log.error("mission failed on every attempt; dead-lettered",
+                  extra={"mission_id": mission_id, "attempts": attempts, "code": error.code, "error": error.message[:200]})
 
     async def close(self) -> None:
         if self._task is not None:
             self._task.cancel()
-            try:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._task
-            except (asyncio.CancelledError, Exception):
-                pass
+        for task in list(self.running):  # unacknowledged: JetStream hands them to another orchestrator
+            task.cancel()
+        await asyncio.gather(*self.running, return_exceptions=True)

@@ -1,4 +1,8 @@
-"""`magi.mission.run`: memory context, shadow clones in parallel, consensus, one reply."""
+"""A mission: memory context, shadow clones in parallel, consensus, one reply.
+
+`Orchestrator` runs one mission; `MissionDesk` is the durable front door (`magi.mission.run`,
+`magi.mission.get`); `services.orchestrator.queue` runs every accepted mission from JetStream.
+"""
 
 from __future__ import annotations
 
@@ -13,12 +17,14 @@ from nats.aio.client import Client
 from protos.consensus import ConsensusRecord, DecideRequest, Vote
 from protos.infer import GenerateReply, GenerateRequest
 from protos.memory import SearchHit, SearchReply, SearchRequest
-from protos.mission import CloneResult, ConsensusSummary, MissionReply, MissionRequest, Timings
+from protos.mission import CloneResult, ConsensusSummary, MissionGet, MissionReply, MissionRequest, Timings
+from services.orchestrator.desk import MissionDesk
 from services.orchestrator.plan import CloneTask, plan_clones
 from services.orchestrator.queue import MissionQueue
+from services.orchestrator.watch import Disruptions
 from shared import bus
 from shared.config import Settings
-from shared.errors import BadRequest, DeadlineExceeded, MagiError, Unprocessable, translate
+from shared.errors import BadRequest, DeadlineExceeded, MagiError, Unavailable, Unprocessable, translate
 from shared.roles import check_output_subject
 from shared.service import MagiService, RequestContext
 from shared.telemetry import current_trace_id, tracer
@@ -58,7 +64,10 @@ class Orchestrator:
             clones = await asyncio.gather(*(self._clone(task, mission, deadline) for task in tasks))
             clones_ms = _ms(t1)
             if not any(c.ok for c in clones):
-                raise Unprocessable("every clone failed: " + "; ".join(f"{c.clone_id}: {c.error}" for c in clones))
+                why = "every clone failed: " + "; ".join(f"{c.clone_id}: {c.error}" for c in clones)
+                # Models down or restarting may be back at the next attempt; empty or refused answers won't be.
+                transient = any((c.error or "")[:1] == "5" for c in clones)
+                raise Unavailable(why) if transient else Unprocessable(why)
             t2 = time.perf_counter()
             record = await self._decide(mission, mission_id, clones, deadline)
             return MissionReply(
@@ -112,9 +121,20 @@ class Orchestrator:
 
 async def build(settings: Settings):
     service = MagiService("magi-orchestrator", VERSION, "Shadow-clone missions: fan out, merge", settings)
-    nc = await service.connect()
+    disruptions = Disruptions()
+    nc = await service.connect(disconnected_cb=disruptions.bus_dropped)
+    await disruptions.start(nc)
     orchestrator = Orchestrator(nc)
-    service.endpoint("magi.mission.run", MissionRequest, orchestrator.run)
-    queue = MissionQueue(nc, orchestrator.run, replicas=settings.stream_replicas)
+    queue = MissionQueue(nc, orchestrator.run, disruptions, ack_wait_s=settings.mission_ack_wait_s,
+                         max_deliver=settings.mission_max_deliver, concurrency=settings.mission_concurrency,
+                         replicas=settings.stream_replicas)
     await queue.start()
-    return service, queue.close
+    desk = MissionDesk(nc)
+    service.endpoint("magi.mission.run", MissionRequest, desk.run)
+    service.endpoint("magi.mission.get", MissionGet, desk.get)
+
+    async def close() -> None:
+        await queue.close()
+        await disruptions.close()
+
+    return service, close
