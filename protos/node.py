@@ -48,6 +48,8 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     # The agent's heartbeat interval; 0: the scheduler's own setting applies. Bounded, so no agent can
     # claim an interval that postpones its failover forever.
     interval_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
+    # The newest placement epoch the agent has accepted: a new scheduler leader never goes below it.
+    epoch: int = 0
 
 
 class NodeState(msgspec.Struct, kw_only=True):

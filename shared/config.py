@@ -110,6 +110,8 @@ _ENV = {
     "mission_ack_wait_s": "MAGI_MISSION_ACK_WAIT_S",
     "mission_max_deliver": "MAGI_MISSION_MAX_DELIVER",
     "mission_concurrency": "MAGI_MISSION_CONCURRENCY",
+    "agent_lease_s": "MAGI_AGENT_LEASE_S",
+    "sched_lease_s": "MAGI_SCHED_LEASE_S",
 }
 
 

@@ -15,7 +15,8 @@ run_as: magi-instance  # the user instances run as (the agent must be root to sw
 
 Allowing an interpreter (python, sh) allows whatever it is told to run: list the scripts' own
 entry points instead. Instances never inherit the agent's environment (its credentials): they get
-PATH, LANG, TZ, their own MAGI_* variables and what the policy lets the spec set. Without a policy
+PATH, LANG, TZ, their own MAGI_* variables (MAGI_INSTANCE_ID, MAGI_NODE_NAME, MAGI_EPOCH: the placement
+epoch of the assignment that started them) and what the policy lets the spec set. Without a policy
 file nothing assigned with a `command` runs. The agent's own components (joining Ray) are built by
 the agent itself and are not subject to this file; model replicas and RPC shards are Ray actors,
 not commands.
@@ -66,14 +67,15 @@ class AgentPolicy(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             return f"environment variables not allowed by the node's policy: {', '.join(refused)}"
         return None
 
-    def environment(self, spec: InstanceSpec, node: str) -> dict[str, str]:
-        """The instance's whole environment: nothing of the agent's but PATH and locale."""
+    def environment(self, spec: InstanceSpec, node: str, epoch: int = 0) -> dict[str, str]:
+        """The instance's whole environment: nothing of the agent's but PATH and locale; MAGI_* last, so a
+        spec cannot set them."""
         env = {k: os.environ[k] for k in _PASSED_THROUGH if k in os.environ}
         env["PATH"] = SAFE_PATH
         if self.run_as:
             env["HOME"] = pwd.getpwnam(self.run_as).pw_dir
         env.update(spec.env)
-        env.update(MAGI_INSTANCE_ID=spec.instance_id, MAGI_NODE_NAME=node)
+        env.update(MAGI_INSTANCE_ID=spec.instance_id, MAGI_NODE_NAME=node, MAGI_EPOCH=str(epoch))
         if spec.experiment_config_path:
             env["MAGI_EXPERIMENT_CONFIG"] = spec.experiment_config_path
         return env

@@ -57,6 +57,14 @@ def heartbeat_subject(node: str) -> str:
 
 
 class Agent:
+    """Heartbeats on one task, reconciling on another: stopping a stubborn instance never delays a beat.
+
+    The agent holds its scheduler-assigned instances on a lease: each assignments reply renews it. Cut
+    off from the scheduler (no current reply, or no bus) for longer than the lease, it stops them (fences
+    itself), since the scheduler has by then re-placed them elsewhere; its own instances (joining Ray)
+    keep running. When a reply comes again it runs what that reply assigns.
+    """
+
     def __init__(self, service: MagiService, node: str, settings: Settings) -> None:
         self.service = service
         self.node = node
@@ -64,12 +72,17 @@ class Agent:
         self.latest: Heartbeat | None = None
         self.seq = 0
         self.home = settings.home_path  # resolved once, here, rather than on the loop at every beat
-        self._task: asyncio.Task | None = None
+        self._tasks: list[asyncio.Task] = []
         self.epoch = 0  # newest placement epoch seen: older assignment lists are stale and ignored
         # Instances of this node's own, not the scheduler's (joining the Ray cluster): always kept.
         self.local = own_specs(settings, node)
         self.supervisor = Supervisor(node, self.home, self._publish, load_policy(settings.agent_policy), self.local)
         self._reconciling = asyncio.Lock()
+        self._wake = asyncio.Event()  # a reconcile nudge: reconcile now rather than at the next interval
+        self.lease_s = settings.agent_lease()
+        self.contact = time.monotonic()  # the last current assignments reply (starting counts: nothing runs yet)
+        self.fenced = False
+        self.refusing = ""  # why the last reply was not acted on, logged once until one is
 
     async def _publish(self, subject: str, data: bytes) -> None:
         await self.service.nc.publish(subject, data)
@@ -78,29 +91,67 @@ class Agent:
         hb = await asyncio.to_thread(sample, self.node, self.seq, [], home=self.home)
         hb.instances = self.supervisor.statuses()
         hb.interval_s = self.settings.heartbeat_s
+        hb.epoch = self.epoch  # so a new scheduler leader never offers less than we have seen
         return hb
 
     async def reconcile(self) -> None:
         """Run exactly what the scheduler assigns here now: this is also the fence after a partition."""
         async with self._reconciling:
-            try:
-                reply = await bus.request(self.service.nc, f"magi.sched.assignments.{self.node}",
-                                          AssignmentsRequest(node=self.node),
-                                          AssignmentsReply, timeout=max(self.settings.heartbeat_s, 0.5))
-            except MagiError as exc:  # no scheduler: keep running what we have
-                log.debug("no assignments", extra={"node": self.node, "error": exc.message})
+            reply = await self._assignments()
+            if reply is None or not self._current(reply):
+                await self._fence_if_lease_ran_out()
                 return
-            if reply.epoch < self.epoch:
-                return
-            if not plausible_epoch(self.epoch, reply.epoch):
-                log.warning("ignored assignments with an implausible epoch",
-                            extra={"node": self.node, "epoch": self.epoch, "offered": reply.epoch})
-                return
+            self._heard()
             self.epoch = reply.epoch
             await self.supervisor.reconcile([*reply.instances, *self.local], reply.epoch)
 
+    async def _assignments(self) -> AssignmentsReply | None:
+        try:
+            return await bus.request(self.service.nc, f"magi.sched.assignments.{self.node}",
+                                     AssignmentsRequest(node=self.node), AssignmentsReply,
+                                     timeout=max(self.settings.heartbeat_s, 0.5))
+        except MagiError as exc:  # no scheduler (or no leader yet): keep running what we have, for the lease
+            log.debug("no assignments", extra={"node": self.node, "error": exc.message})
+            return None
+
+    def _current(self, reply: AssignmentsReply) -> bool:
+        """Whether to act on `reply`; the first refusal of a kind is logged, not every one."""
+        if reply.epoch < self.epoch:
+            why = "older than ours (the scheduler raises its epoch from our heartbeats)"
+        elif not plausible_epoch(self.epoch, reply.epoch):
+            why = "implausible epoch"
+        else:
+            return True
+        if self.refusing != why:
+            log.warning("ignored assignments", extra={"node": self.node, "why": why, "epoch": self.epoch,
+                                                      "offered": reply.epoch})
+            self.refusing = why
+        return False
+
+    def _heard(self) -> None:
+        if self.refusing:
+            log.info("assignments current again", extra={"node": self.node, "epoch": self.epoch})
+            self.refusing = ""
+        if self.fenced:
+            log.info("scheduler reachable again: running what it assigns",
+                     extra={"node": self.node, "silent_s": round(time.monotonic() - self.contact, 3)})
+            self.fenced = False
+        self.contact = time.monotonic()
+
+    async def _fence_if_lease_ran_out(self) -> None:
+        silent = time.monotonic() - self.contact
+        if self.fenced or silent <= self.lease_s:
+            return
+        self.fenced = True
+        own = {s.instance_id for s in self.local}
+        stopping = sorted(i for i in self.supervisor.instances if i not in own)
+        log.warning("scheduler unreachable past the agent's lease: stopping assigned instances",
+                    extra={"node": self.node, "silent_s": round(silent, 3), "lease_s": self.lease_s,
+                           "instances": stopping})
+        await self.supervisor.reconcile(self.local, self.epoch)
+
     async def on_nudge(self, msg) -> None:
-        await self.reconcile()
+        self._wake.set()
 
     async def beat(self) -> Heartbeat:
         self.seq += 1
@@ -110,20 +161,30 @@ class Agent:
         await self.service.nc.publish(heartbeat_subject(self.node), _encoder.encode(hb))
         return hb
 
-    async def run(self) -> None:
+    async def heartbeats(self) -> None:
         await asyncio.to_thread(prime_cpu_percent)
         interval = self.settings.heartbeat_s
         next_at = time.monotonic()
         while True:
             try:
                 await self.beat()
-                await self.reconcile()
             except Exception as exc:  # a failed sample or publish must not end the heartbeats
                 log.warning("heartbeat failed", extra={"node": self.node, "error": f"{type(exc).__name__}: {exc}"})
             sdnotify.notify("WATCHDOG=1")  # the loop is alive; a hung loop stops these and systemd restarts us
             # A fixed cadence: slow sampling does not stretch the interval the scheduler expects.
             next_at = max(next_at + interval, time.monotonic())
             await asyncio.sleep(next_at - time.monotonic())
+
+    async def reconciling(self) -> None:
+        """Ask for assignments every interval, or at once when nudged; nudges during a round coalesce."""
+        while True:
+            self._wake.clear()
+            try:
+                await self.reconcile()
+            except Exception as exc:  # one bad round must not end reconciling
+                log.warning("reconcile failed", extra={"node": self.node, "error": f"{type(exc).__name__}: {exc}"})
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self.settings.heartbeat_s)
 
     async def info(self, req: Empty, ctx: RequestContext) -> Heartbeat:
         # Before the first beat, a fresh sample (not published: the heartbeat stream stays the loop's).
@@ -133,16 +194,18 @@ class Agent:
         if self.local:  # before any scheduler answers, so a node joins Ray even with none up yet
             await self.supervisor.reconcile(self.local, self.epoch)
         await self.service.nc.subscribe(f"magi.node.{self.node}.reconcile", cb=self.on_nudge)
-        self._task = asyncio.create_task(self.run(), name=f"heartbeat-{self.node}")
+        self._tasks = [asyncio.create_task(self.heartbeats(), name=f"heartbeat-{self.node}"),
+                       asyncio.create_task(self.reconciling(), name=f"reconcile-{self.node}")]
         sdnotify.notify("READY=1")
 
     async def close(self) -> None:
         sdnotify.notify("STOPPING=1")
-        if self._task is not None:
-            self._task.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+                await task
+        self._tasks = []
         await self.supervisor.stop_all()
 
 
@@ -153,6 +216,9 @@ async def build(settings: Settings):
     service.endpoint(f"magi.node.{node}.info", Empty, agent.info)
     await service.connect()
     await agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
-    log.info("agent started", extra={"node": node, "interval_s": settings.heartbeat_s,
+    if settings.agent_lease_s and settings.agent_lease_s < agent.lease_s:
+        log.warning("MAGI_AGENT_LEASE_S raised to the scheduler's failover grace",
+                    extra={"node": node, "asked_s": settings.agent_lease_s, "lease_s": agent.lease_s})
+    log.info("agent started", extra={"node": node, "interval_s": settings.heartbeat_s, "lease_s": agent.lease_s,
                                      "policy": agent.supervisor.policy.source or "none: assigned commands are refused"})
     return service, agent.close

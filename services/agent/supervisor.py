@@ -69,13 +69,10 @@ class Supervisor:
     async def reconcile(self, desired: list[InstanceSpec], epoch: int) -> None:
         """Make what runs here match `desired`: stop the rest (fencing), start what is missing."""
         wanted = {s.instance_id: s for s in desired}
-        for instance_id in [i for i in self.instances if i not in wanted]:
-            await self.stop(instance_id)
+        # Every stop at once: one instance that ignores SIGTERM costs one grace period, not one each.
+        await self._stop_many([i for i, inst in self.instances.items() if wanted.get(i) != inst.spec])
         for instance_id, spec in wanted.items():
             current = self.instances.get(instance_id)
-            if current is not None and current.spec != spec:
-                await self.stop(instance_id)
-                current = None
             if current is None:
                 self.instances[instance_id] = inst = Instance(spec=spec, epoch=epoch)
                 await self._start(inst)
@@ -94,7 +91,7 @@ class Supervisor:
             log.warning("instance refused by the node's policy", extra={"instance": spec.instance_id,
                                                                         "reason": refusal})
             return
-        argv, env, user = self._launch(spec, own)
+        argv, env, user = self._launch(spec, own, inst.epoch)
         self.logs.mkdir(parents=True, exist_ok=True)
         try:
             inst.proc = await asyncio.create_subprocess_exec(
@@ -110,14 +107,18 @@ class Supervisor:
         log.info("instance started", extra={"instance": spec.instance_id, "pid": inst.proc.pid})
         inst.tasks = [asyncio.create_task(self._pump(inst)), asyncio.create_task(self._wait(inst))]
 
-    def _launch(self, spec: InstanceSpec, own: bool) -> tuple[list[str], dict[str, str], str | None]:
-        """(argv, environment, user) of an allowed instance; the agent's own get the agent's environment."""
+    def _launch(self, spec: InstanceSpec, own: bool, epoch: int) -> tuple[list[str], dict[str, str], str | None]:
+        """(argv, environment, user) of an allowed instance; the agent's own get the agent's environment.
+
+        MAGI_EPOCH is the placement epoch of the assignment that started it: an instance that writes
+        somewhere can stamp its writes with it, so whoever reads them can refuse a fenced-off copy's."""
         if own:
-            env = {**os.environ, **spec.env, "MAGI_INSTANCE_ID": spec.instance_id, "MAGI_NODE_NAME": self.node}
+            env = {**os.environ, **spec.env, "MAGI_INSTANCE_ID": spec.instance_id, "MAGI_NODE_NAME": self.node,
+                   "MAGI_EPOCH": str(epoch)}
             return spec.command, env, None
         # Exec the very file the policy approved, not whatever PATH finds at exec time.
         argv = [self.policy.program(spec), *spec.command[1:]]
-        return argv, self.policy.environment(spec, self.node), self.policy.run_as or None
+        return argv, self.policy.environment(spec, self.node, epoch), self.policy.run_as or None
 
     async def _pump(self, inst: Instance) -> None:
         subject = f"magi.node.{self.node}.logs.{inst.spec.instance_id}"
@@ -172,8 +173,10 @@ class Supervisor:
         log.info("instance stopped", extra={"instance": instance_id})
 
     async def stop_all(self) -> None:
-        for instance_id in list(self.instances):
-            await self.stop(instance_id)
+        await self._stop_many(list(self.instances))
+
+    async def _stop_many(self, instance_ids: list[str]) -> None:
+        await asyncio.gather(*(self.stop(i) for i in instance_ids))
 
 
 _PR_SET_PDEATHSIG = 1

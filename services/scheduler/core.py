@@ -5,6 +5,10 @@ planning), otherwise from what the node's agent reports. Failover: a node silent
 intervals (by this process's monotonic clock) loses its instances to healthy nodes; a pause shorter
 than that moves nothing. Right after a restart no node is judged until a full grace period has
 passed, so a restarted scheduler never re-places what is running.
+
+Only the holder of the leader's lease changes anything or answers assignments (`self.lease`); every write
+is fenced in Redis besides. A scheduler that becomes leader reloads placements first and raises the epoch
+to the highest any agent reports, so the epoch never goes backwards, not even after Redis lost it.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from protos.node import Heartbeat, NodeState
 from protos.sched import AssignmentsReply, InstanceSpec, PlacementRecord
 from services.scheduler.cluster import NodeConfig
 from services.scheduler.health import MISSED_BEATS, max_instances
+from services.scheduler.lease import Lease, NotLeader
 from services.scheduler.placement import PlacementResult, Weights
 from services.scheduler.placements import PlacementStore
 from services.scheduler.planning import plan
@@ -30,6 +35,11 @@ STUCK = ("crashloop", "refused")
 
 PLACEABLE = {"HEALTHY"}
 
+# An agent's epoch report is believed only this far above ours (the agents' own rule for the scheduler's
+# offers): one lying node must not push the epoch past what every other agent accepts.
+MAX_EPOCH_JUMP = 1_000_000
+MAX_EPOCH = 2**52
+
 
 def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
     reserved = float(hb.labels.get("reserved_ram_gb", 0) or 0)
@@ -40,10 +50,11 @@ def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
 
 
 class SchedulerCore:
-    def __init__(self, registry: NodeRegistry, store: PlacementStore, configured: list[NodeConfig] | None = None,
-                 weights: Weights | None = None) -> None:
+    def __init__(self, registry: NodeRegistry, store: PlacementStore, lease: Lease,
+                 configured: list[NodeConfig] | None = None, weights: Weights | None = None) -> None:
         self.registry = registry
         self.store = store
+        self.lease = lease
         self.configured = {n.name: n for n in configured or []}
         self.weights = weights
         self.records: dict[str, PlacementRecord] = {}
@@ -54,6 +65,45 @@ class SchedulerCore:
     async def load(self) -> None:
         self.records, self.epoch = await self.store.load()
         log.info("placements loaded", extra={"instances": len(self.records), "epoch": self.epoch})
+
+    async def refresh(self) -> None:
+        """A standby's view: what the leader last stored (its own memory may be any age)."""
+        self.records, self.epoch = await self.store.load()
+
+    def require_leader(self) -> None:
+        if not self.lease.held():
+            raise NotLeader("this scheduler is standing by, not the leader; retry")
+
+    async def take_over(self) -> None:
+        """Just became leader: placements as stored, the epoch never below what any agent has seen."""
+        async with self.lock:
+            await self.load()
+            reported = [reported_epoch(st.heartbeat) for st in await self.registry.nodes()]
+            await self._raise_epoch(max([e for e in reported if self._plausible(e)], default=0))
+            log.info("leading", extra={"token": self.lease.token, "epoch": self.epoch,
+                                       "instances": len(self.records)})
+
+    async def repair_epoch(self, hb: Heartbeat) -> None:
+        """An agent has seen a newer epoch than ours (Redis lost it, or a bug): go up to it, never down."""
+        reported = reported_epoch(hb)
+        if reported <= self.epoch:
+            return
+        if not self._plausible(reported):
+            log.warning("ignored an implausible epoch report", extra={"node": hb.node, "epoch": self.epoch,
+                                                                        "reported": reported})
+            return
+        async with self.lock:
+            await self._raise_epoch(reported, hb.node)
+
+    def _plausible(self, reported: int) -> bool:
+        return reported < MAX_EPOCH and (self.epoch == 0 or reported - self.epoch <= MAX_EPOCH_JUMP)
+
+    async def _raise_epoch(self, floor: int, node: str = "") -> None:
+        if floor <= self.epoch:
+            return
+        before, self.epoch = self.epoch, await self.store.raise_epoch(floor, self.lease.value)
+        log.warning("epoch raised to what agents report", extra={"from": before, "to": self.epoch,
+                                                                 "node": node or "all"})
 
     # ---- views -------------------------------------------------------------------------------------
 
@@ -70,16 +120,24 @@ class SchedulerCore:
         return {i: (r.spec, r.node) for i, r in self.records.items() if r.node and i not in exclude}
 
     def assignments(self, node: str) -> AssignmentsReply:
+        self.require_leader()  # a standby's memory may be stale: an agent must never act on it
         specs = [r.spec for _, r in sorted(self.records.items()) if r.node == node]
         return AssignmentsReply(node=node, epoch=self.epoch, instances=specs)
 
     # ---- changes -----------------------------------------------------------------------------------
 
     async def _commit(self, changed: list[PlacementRecord], deleted: list[str] = ()) -> int:
-        epoch = await self.store.next_epoch()
-        for record in changed:
-            record.epoch = epoch
-        await self.store.save(changed, list(deleted))
+        self.require_leader()
+        for _ in range(3):
+            epoch = self.epoch + 1
+            for record in changed:
+                record.epoch = epoch
+            stored = await self.store.commit(changed, list(deleted), epoch, self.lease.value)
+            if not stored:
+                break
+            self.epoch = stored  # Redis is ahead of us: stamp above it
+        else:
+            raise NotLeader("the placement epoch keeps moving under this scheduler; retry")
         for record in changed:
             self.records[record.spec.instance_id] = record
         for instance_id in deleted:
@@ -89,6 +147,7 @@ class SchedulerCore:
 
     async def place(self, specs: list[InstanceSpec], explicit: dict[str, str]) -> tuple[PlacementResult, int, set[str]]:
         """New instances are placed; ids already placed keep their node (nothing running moves)."""
+        self.require_leader()
         async with self.lock:
             known = {s.instance_id: self.records[s.instance_id].node for s in specs if s.instance_id in self.records}
             fresh = [s for s in specs if s.instance_id not in known]
@@ -109,6 +168,7 @@ class SchedulerCore:
             return found, [i for i in instance_ids if i not in found], epoch, nodes
 
     async def drain(self, node: str, on: bool) -> tuple[PlacementResult, int, set[str]]:
+        self.require_leader()
         nodes, _, _ = await self.view()
         if node not in {n.name for n in nodes}:
             raise NotFound(f"unknown node {node!r}", field="node")
@@ -182,6 +242,11 @@ async def report(core: "SchedulerCore"):
     warnings += [f"instance {r.spec.instance_id} is pending: {r.reason}" for r in core.records.values()
                  if r.state == "pending"]
     return build_report(sorted(nodes, key=lambda n: n.name), status, allocated, warnings)
+
+
+def reported_epoch(hb: Heartbeat) -> int:
+    """The newest epoch a heartbeat shows: the agent's own, or any of its instances'."""
+    return max([hb.epoch, *(i.epoch for i in hb.instances)])
 
 
 def _key(record: PlacementRecord) -> tuple[str, str, str]:

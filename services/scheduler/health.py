@@ -10,8 +10,9 @@ from datetime import datetime, timezone
 
 from protos.node import ClusterReport, Health, Heartbeat, NodeReport, NodeState
 from services.scheduler.cluster import NodeConfig
+from shared.config import FAILOVER_MISSED_BEATS
 
-MISSED_BEATS = 3
+MISSED_BEATS = FAILOVER_MISSED_BEATS  # one number for the scheduler's grace and the agents' lease floor
 DEFAULT_MAX_INSTANCES = 4
 WARN_PERCENT = 90.0
 

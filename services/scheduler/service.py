@@ -1,10 +1,19 @@
-"""`magi.sched.*`: nodes, report, place, release, drain, assignments.<node>; failover in the background."""
+"""`magi.sched.*`: nodes, report, place, release, drain, assignments.<node>; failover in the background.
+
+Several schedulers may run against one Redis; one leads (services.scheduler.lease). Every scheduler
+hears heartbeats and answers the read-only `nodes` and `report`. Only the leader serves `place`,
+`release`, `drain` and `assignments.<node>`: it registers them as a second micro service instance on a
+connection of its own, opened on taking office and drained on leaving it, so NATS never routes a write
+or an agent's question to a standby. In the moment between losing the lease and closing that connection
+(a leader paused with SIGSTOP wakes up deposed), it answers 503 "not the leader; retry".
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import os
 import re
 
 import msgspec
@@ -25,6 +34,8 @@ from protos.sched import (
 )
 from services.scheduler.cluster import load_cluster
 from services.scheduler.core import SchedulerCore, report
+from services.scheduler.leadership import Leadership
+from services.scheduler.lease import Lease, NotLeader
 from services.scheduler.placements import PlacementStore
 from services.scheduler.state import NodeRegistry
 from shared.config import Settings
@@ -67,7 +78,9 @@ class SchedulerEndpoints:
             return
         try:
             await self.core.registry.record(hb)
-            await self.core.note_instance_states(hb)
+            if self.core.lease.held():
+                await self.core.repair_epoch(hb)
+                await self.core.note_instance_states(hb)
         except Exception as exc:  # Redis trouble: liveness is already recorded in memory
             log.warning("could not store heartbeat", extra={"node": hb.node, "error": f"{type(exc).__name__}: {exc}"})
 
@@ -75,6 +88,8 @@ class SchedulerEndpoints:
         return NodesReply(nodes=await self.core.registry.nodes())
 
     async def report(self, req: Empty, ctx: RequestContext) -> ClusterReport:
+        if not self.core.lease.held():
+            await self.core.refresh()  # a standby reports what the leader last stored
         return await report(self.core)
 
     async def place(self, req: PlaceRequest, ctx: RequestContext) -> PlaceReply:
@@ -109,32 +124,74 @@ class SchedulerEndpoints:
                 dead = await self.core.dead_nodes(interval)
                 _, _, touched = await self.core.evacuate(dead)
                 await self.nudge(touched)
+            except NotLeader:
+                continue  # the lease lapsed a moment before the duties stop: nothing was written
             except Exception:  # one bad round must not end failover
                 log.exception("failover round failed")
+
+
+class LeaderDuties:
+    """What only the leader does: answer writes and assignments, and fail over."""
+
+    WRITES = (("place", PlaceRequest, "place"), ("release", ReleaseRequest, "release"),
+              ("drain", DrainRequest, "drain"), ("assignments.*", AssignmentsRequest, "assignments"))
+
+    def __init__(self, endpoints: SchedulerEndpoints, settings: Settings) -> None:
+        self.endpoints = endpoints
+        self.settings = settings
+        self.service: MagiService | None = None
+        self.failover: asyncio.Task | None = None
+
+    async def start(self) -> None:
+        await self.endpoints.core.take_over()
+        service = MagiService(NAME, VERSION, "The leader's writes: place, release, drain, assignments", self.settings)
+        for verb, typ, handler in self.WRITES:
+            service.endpoint(f"magi.sched.{verb}", typ, getattr(self.endpoints, handler))
+        self.service = service
+        await service.connect()
+        await service.start()
+        self.failover = asyncio.create_task(self.endpoints.failover_loop(self.settings.heartbeat_s))
+
+    async def stop(self) -> None:
+        if self.failover is not None:
+            self.failover.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.failover
+            self.failover = None
+        if self.service is not None:
+            service, self.service = self.service, None
+            try:
+                await service.close()
+            except Exception as exc:  # a connection already gone needs no draining
+                log.debug("leader connection closed badly", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
 async def build(settings: Settings):
     client = redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = await NodeRegistry.open(settings.redis_url, settings.heartbeat_s)
     cluster = load_cluster(settings.cluster_file) if settings.cluster_file else None
-    core = SchedulerCore(registry, PlacementStore(client), cluster.nodes if cluster else None,
+    lease = Lease(client, f"{settings.node()}-{os.getpid()}", settings.sched_lease_s)
+    core = SchedulerCore(registry, PlacementStore(client), lease, cluster.nodes if cluster else None,
                          cluster.placement.weights if cluster else None)
     await core.load()
     service = MagiService(NAME, VERSION, "Node registry, placement and failover", settings)
     endpoints = SchedulerEndpoints(core, service)
-    for verb, typ, handler in (("nodes", Empty, endpoints.nodes), ("report", Empty, endpoints.report),
-                               ("place", PlaceRequest, endpoints.place), ("release", ReleaseRequest, endpoints.release),
-                               ("drain", DrainRequest, endpoints.drain),
-                               ("assignments.*", AssignmentsRequest, endpoints.assignments)):
-        service.endpoint(f"magi.sched.{verb}", typ, handler)
+    service.endpoint("magi.sched.nodes", Empty, endpoints.nodes)
+    service.endpoint("magi.sched.report", Empty, endpoints.report)
     nc = await service.connect()
     await nc.subscribe(HEARTBEATS, cb=endpoints.on_heartbeat)
-    failover = asyncio.create_task(endpoints.failover_loop(settings.heartbeat_s))
+    duties = LeaderDuties(endpoints, settings)
+    leadership = Leadership(lease, duties.start, duties.stop, renew_s=settings.sched_lease_s / 3)
+    await leadership.step()  # a lone scheduler leads before anyone asks it anything
+    if not leadership.leading:
+        log.info("standing by", extra={"leader": await lease.leader()})
+    election = asyncio.create_task(leadership.run(), name="scheduler-leadership")
 
     async def cleanup() -> None:
-        failover.cancel()
+        election.cancel()
         with contextlib.suppress(asyncio.CancelledError):
-            await failover
+            await election
+        await leadership.resign()
         await registry.close()
         await client.aclose()
 
