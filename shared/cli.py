@@ -88,9 +88,10 @@ async def _ping_services() -> dict[str, dict]:
 
 def cmd_status(args) -> int:
     settings = _settings(args)
-    rows = [[name, pid, "running" if alive else "stopped"] for name, pid, alive in stack.status(settings.home_path)]
+    processes = stack.status(settings.home_path)
+    rows = [[name, pid, "running" if alive else "stopped", restarts] for name, pid, alive, restarts in processes]
     if rows:
-        print(render(["component", "pid", "state"], rows))
+        print(render(["component", "pid", "state", "restarts"], rows))
     try:
         services = asyncio.run(_ping_services())
     except MagiError as exc:
@@ -98,7 +99,7 @@ def cmd_status(args) -> int:
         return 1
     print()
     print(render(["service", "version"], [[k, v["version"]] for k, v in sorted(services.items())]))
-    return 0
+    return 0 if all(alive for _, _, alive, _ in processes) else 1  # a process down is a failing status
 
 
 # ---- requests --------------------------------------------------------------------------------------

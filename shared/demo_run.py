@@ -27,7 +27,7 @@ async def _mission(settings: Settings, progress) -> tuple[MissionReply, Consensu
 
 
 def _running(settings: Settings) -> bool:
-    return any(alive for _name, _pid, alive in stack.status(settings.home_path))
+    return any(alive for _name, _pid, alive, _restarts in stack.status(settings.home_path))
 
 
 def run_demo(settings: Settings, *, keep: bool, progress) -> int:

