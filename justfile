@@ -42,6 +42,10 @@ test *args: setup
 test-unit: setup
     {{bin}}/python -m pytest -m unit
 
+# only the chaos suite: kill -9 each process kind under a stream of missions, check none lost or doubled
+chaos: setup
+    {{bin}}/python -m pytest -m chaos
+
 # static checks (pyflakes-level errors, import order)
 lint: setup
     {{bin}}/ruff check .

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bus import measure_auth_overhead, measure_hop
+from benchmarks.chaos import measure_chaos, measure_recovery
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.parallel import measure_parallel_speedup
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     metrics = measure_placement()
     progress("failover (kill -9 of an agent)")
     metrics.update(asyncio.run(measure_failover()))
+    progress("orchestrator kill -9 redelivery; 2 s agent pause")
+    metrics.update(asyncio.run(measure_recovery(progress)))
+    progress("chaos: kill -9 of every process kind under a stream of missions")
+    metrics.update(asyncio.run(measure_chaos(progress)))
     metrics.update(asyncio.run(_run(Path(args.home).resolve(), args.rounds, args.hop_requests)))
     progress("bus round trips with TLS + nkey credentials vs neither")
     metrics.update(asyncio.run(measure_auth_overhead(args.hop_requests)))

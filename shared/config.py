@@ -57,7 +57,7 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # Missions: a running mission tells JetStream it is alive every third of this; a crashed orchestrator's
     # missions are redelivered this long after its last sign of life.
     mission_ack_wait_s: float = 6.0
-    mission_max_deliver: int = 5  # attempts before a failing mission goes to `magi.mission.dead.<id>`
+    mission_max_deliver: int = 8  # attempts (over about 90 s) before a failing mission goes to `magi.mission.dead.<id>`
     mission_concurrency: int = 16  # missions one orchestrator runs at once
 
     def nats_servers(self) -> list[str]:

@@ -31,14 +31,14 @@ from nats.js.errors import FetchTimeoutError
 from protos.mission import DEAD_PREFIX, SUBMIT_STREAM, SUBMIT_SUBJECT, DeadLetter, MissionReply, MissionRequest
 from services.orchestrator.results import Outcome, ResultStore, ensure_streams
 from services.orchestrator.watch import Disruptions
-from shared.errors import MagiError, translate
+from shared.errors import MagiError, Unavailable, translate
 from shared.service import RequestContext
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("magi.orchestrator.queue")
 
 DURABLE = "orchestrator"
-RETRY_DELAYS_S = (1.0, 2.0, 5.0, 10.0, 30.0)  # before the 2nd, 3rd, ... attempt
+RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # before the 2nd, 3rd, ... attempt
 
 _decoder = msgspec.json.Decoder(MissionRequest)
 _encoder = msgspec.json.Encoder()
@@ -79,7 +79,7 @@ class Outage:
 
 
 class MissionQueue:
-    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 5,
+    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 8,
                  concurrency: int = 16, replicas: int = 1) -> None:
         self.nc = nc
         self.run = run
@@ -90,6 +90,8 @@ class MissionQueue:
         self.replicas = replicas
         self.results = ResultStore(nc)
         self.running: set[asyncio.Task] = set()
+        self.attempts: dict[asyncio.Task, float] = {}  # missions running now -> when they started
+        disruptions.listeners.append(self._interrupt)
         self.outage = Outage("mission queue")
         self._task: asyncio.Task | None = None
 
@@ -167,13 +169,19 @@ class MissionQueue:
     async def _attempt(self, msg, mission: MissionRequest, mission_id: str, attempt: int) -> Outcome | None:
         ctx = RequestContext(subject=msg.subject, headers=dict(msg.headers or {}))
         started = time.monotonic()
+        inner = asyncio.create_task(self.run(mission, ctx, mission_id))
+        self.attempts[inner] = started
         async with self._alive(msg):
             try:
-                return Outcome.of_reply(await self.run(mission, ctx, mission_id))
+                return Outcome.of_reply(await inner)
             except asyncio.CancelledError:
-                raise
+                if asyncio.current_task().cancelling():
+                    raise  # shutting down
+                error: MagiError = Unavailable(f"interrupted: {self.disruptions.since(started) or 'a service restarted'}")
             except Exception as exc:
                 error = translate(exc)
+            finally:
+                self.attempts.pop(inner, None)
         lost = self.disruptions.since(started) if error.code == 504 else None
         if error.code < 500 or (error.code == 504 and not lost):
             return Outcome.of_error(error)  # wrong, or merely too slow: another attempt would not help
@@ -185,6 +193,15 @@ class MissionQueue:
             return None
         await self._dead_letter(msg, mission_id, attempt, error)
         return Outcome.of_error(error)
+
+    def _interrupt(self, dependency: str) -> None:
+        """A dependency's instance vanished: its requests will never be answered, so rather than wait out
+        the deadline, stop the missions running now and retry them at once."""
+        if self.attempts:
+            log.warning("service instance gone; retrying the missions in flight",
+                        extra={"service": dependency, "missions": len(self.attempts)})
+        for task in list(self.attempts):
+            task.cancel()
 
     @contextlib.asynccontextmanager
     async def _alive(self, msg):

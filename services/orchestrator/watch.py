@@ -38,6 +38,7 @@ class Disruptions:
         self.bus_dropped_at = 0.0
         self._round: dict[str, set[str]] = {}
         self._task: asyncio.Task | None = None
+        self.listeners: list = []  # called with (dependency name) when one of its instances is gone
 
     async def bus_dropped(self) -> None:
         """The connection's disconnect callback: replies in flight may be gone."""
@@ -72,6 +73,9 @@ class Disruptions:
                 seen = self._round.get(name, set())
                 if name in self.instances and seen != self.instances[name]:
                     self.changed_at[name] = now
+                    if self.instances[name] - seen:  # an instance vanished with whatever it was answering
+                        for listener in self.listeners:
+                            listener(name)
                 self.instances[name] = seen
             await asyncio.sleep(POLL_S - ANSWER_WAIT_S)
 
