@@ -105,3 +105,35 @@ async def test_instances_inherit_none_of_the_agents_environment(supervisor, publ
 async def test_placement_only_instance_is_reserved(supervisor):
     await supervisor.reconcile([spec("res", [])], epoch=1)
     assert supervisor.statuses()[0].state == "reserved"
+
+
+STUBBORN = [sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+            "print('ready', flush=True); time.sleep(120)"]
+
+
+async def test_stubborn_instances_are_stopped_together_not_one_after_another(supervisor, published, monkeypatch):
+    monkeypatch.setattr(sup, "STOP_GRACE_S", 1.0)
+    await supervisor.reconcile([spec("s1", STUBBORN), spec("s2", STUBBORN), spec("s3", STUBBORN)], epoch=1)
+    await until(lambda: len(published) == 3)  # each has its SIGTERM handler in place
+    pids = [s.pid for s in supervisor.statuses()]
+    started = asyncio.get_running_loop().time()
+    await supervisor.reconcile([], epoch=2)
+    took = asyncio.get_running_loop().time() - started
+    assert 1.0 <= took < 1.9, took  # one grace period for all three, then SIGKILL
+    assert all(not psutil.pid_exists(p) or psutil.Process(p).status() == psutil.STATUS_ZOMBIE for p in pids)
+
+
+async def test_instances_are_told_their_epoch_and_id(tmp_path, published):
+    async def publish(subject, data):
+        published.append((subject, data))
+
+    show = [sys.executable, "-c", "import os; print(os.environ['MAGI_EPOCH'], os.environ['MAGI_INSTANCE_ID'], "
+            "flush=True)"]
+    own = InstanceSpec(instance_id="own", ram_gb=0.0, command=show, restart="never")
+    s = sup.Supervisor("n1", tmp_path, publish, AgentPolicy(programs=[sys.executable]), own=[own])
+    try:
+        await s.reconcile([spec("assigned", show, restart="never"), own], epoch=7)
+        await until(lambda: len(published) == 2)
+        assert sorted(data for _, data in published) == [b"7 assigned", b"7 own"]
+    finally:
+        await s.stop_all()
