@@ -106,13 +106,18 @@ class Agent:
             await self.supervisor.reconcile([*reply.instances, *self.local], reply.epoch)
 
     async def _assignments(self) -> AssignmentsReply | None:
-        try:
-            return await bus.request(self.service.nc, f"magi.sched.assignments.{self.node}",
-                                     AssignmentsRequest(node=self.node), AssignmentsReply,
-                                     timeout=max(self.settings.heartbeat_s, 0.5))
-        except MagiError as exc:  # no scheduler (or no leader yet): keep running what we have, for the lease
-            log.debug("no assignments", extra={"node": self.node, "error": exc.message})
-            return None
+        # A timeout earns one more try: a deposed leader that is paused (not dead) still holds its
+        # subscriptions, and NATS hands it a share of the requests until it wakes up and lets go.
+        for attempt in range(2):
+            try:
+                return await bus.request(self.service.nc, f"magi.sched.assignments.{self.node}",
+                                         AssignmentsRequest(node=self.node), AssignmentsReply,
+                                         timeout=max(self.settings.heartbeat_s, 0.5))
+            except MagiError as exc:  # no scheduler (or no leader yet): keep running what we have, for the lease
+                log.debug("no assignments", extra={"node": self.node, "error": exc.message})
+                if exc.code != 504:
+                    return None
+        return None
 
     def _current(self, reply: AssignmentsReply) -> bool:
         """Whether to act on `reply`; the first refusal of a kind is logged, not every one."""

@@ -60,9 +60,9 @@ class Leadership:
         was = self.leading
         self.leading = False
         self.lease.drop()
-        await self._stop()
         if was:
             log.warning("no longer the scheduler leader", extra={"holder": self.lease.holder, "why": why})
+        await self._stop()
 
     def _note_redis(self, exc: BaseException | None) -> None:
         if exc is not None and not self._redis_down:

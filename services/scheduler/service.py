@@ -158,11 +158,13 @@ class LeaderDuties:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.failover
             self.failover = None
-        if self.service is not None:
+        if self.service is not None and self.service.nc is not None:
+            # Closed, not drained: the server drops every leader subscription at once, so no request meets
+            # a deposed leader again; the few in flight get no answer and are retried by their callers.
             service, self.service = self.service, None
             try:
-                await service.close()
-            except Exception as exc:  # a connection already gone needs no draining
+                await service.nc.close()
+            except Exception as exc:  # a connection already broken needs no closing
                 log.debug("leader connection closed badly", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
