@@ -15,7 +15,6 @@ from typing import Awaitable, Callable
 import redis.asyncio as redis
 
 from services.scheduler.lease import Lease
-from shared.errors import MagiError
 
 log = logging.getLogger("magi.scheduler.leadership")
 
@@ -48,7 +47,7 @@ class Leadership:
     async def _take_office(self) -> None:
         try:
             await self._start()
-        except (MagiError, redis.RedisError, OSError) as exc:
+        except Exception as exc:  # Redis, NATS or anything else: holding the lease without the duties helps no one
             log.warning("could not take office; standing by", extra={"error": f"{type(exc).__name__}: {exc}"})
             await self._stop()
             await self.lease.release()

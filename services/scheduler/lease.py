@@ -101,9 +101,10 @@ class Lease:
 
     async def release(self) -> None:
         """Give the lease up at once (a clean shutdown), so a standby need not wait out the TTL."""
-        if self.value:
-            await self._release(keys=[LEADER_KEY], args=[self.value])
-        self.drop()
+        value = self.value
+        self.drop()  # ours no longer, whatever Redis answers
+        if value:
+            await self._release(keys=[LEADER_KEY], args=[value])
 
     async def leader(self) -> str:
         """Who holds the lease now, by name ('' when nobody does)."""

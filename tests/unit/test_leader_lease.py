@@ -183,3 +183,18 @@ async def test_a_commit_stamps_above_an_epoch_that_redis_holds_higher(rds):
     await rds.set(EPOCH_KEY, 9)  # written behind this leader's back
     assert await c._commit([record("a")]) == 10
     assert c.records["a"].epoch == 10 and int(await rds.get(EPOCH_KEY)) == 10
+
+
+async def test_a_scheduler_that_cannot_take_office_gives_the_lease_back(rds):
+    async def broken() -> None:
+        raise RuntimeError("no bus")
+
+    async def nothing() -> None:
+        pass
+
+    failing = Leadership(Lease(rds, "failing", TTL), broken, nothing, renew_s=RENEW)
+    await failing.step()
+    assert not failing.leading and not failing.lease.value and await rds.get(LEADER_KEY) is None
+    other = Leadership(Lease(rds, "other", TTL), nothing, nothing, renew_s=RENEW)
+    await other.step()
+    assert other.leading
