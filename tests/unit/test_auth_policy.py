@@ -121,7 +121,7 @@ def test_environment_holds_nothing_of_the_agents(monkeypatch):
     monkeypatch.setenv("MAGI_NATS_CREDS", "/secret/agent.nk")
     env = AgentPolicy(env=["EXP_*"]).environment(_spec(["x"], {"EXP_A": "1"}), "n1")
     assert env["EXP_A"] == "1" and env["MAGI_NODE_NAME"] == "n1" and "MAGI_NATS_CREDS" not in env
-    assert set(env) <= {"PATH", "LANG", "LC_ALL", "TZ", "EXP_A", "MAGI_INSTANCE_ID", "MAGI_NODE_NAME"}
+    assert set(env) <= {"PATH", "LANG", "LC_ALL", "TZ", "EXP_A", "MAGI_INSTANCE_ID", "MAGI_NODE_NAME", "MAGI_EPOCH"}
 
 
 def _cluster(*hosts: str) -> ClusterConfig:
