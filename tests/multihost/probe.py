@@ -152,6 +152,32 @@ async def refusals(node: str) -> dict:
     return out
 
 
+async def place(instance_id: str, node: str, *command: str) -> dict:
+    """Place an instance that runs `command` on `node` (an admin's seed) and return the placement."""
+    nc = await _connect()
+    spec = InstanceSpec(instance_id=instance_id, ram_gb=0.05, command=list(command), restart="always")
+    reply = await bus.request(nc, "magi.sched.place", PlaceRequest(instances=[spec], placement={instance_id: node}),
+                              PlaceReply, timeout=10)
+    await nc.close()
+    return msgspec.to_builtins(reply)
+
+
+async def running(instance_id: str, not_on: str = "") -> dict:
+    """Wait until a healthy node other than `not_on` reports the instance running; its node and pid."""
+
+    async def where(nc):
+        reply = await bus.request(nc, "magi.sched.nodes", b"{}", NodesReply, timeout=5)
+        for node in reply.nodes:
+            if node.name == not_on or node.status not in ("HEALTHY", "DEGRADED"):
+                continue
+            for inst in node.heartbeat.instances:
+                if inst.instance_id == instance_id and inst.state == "running" and inst.pid:
+                    return {"node": node.name, "pid": inst.pid, "epoch": inst.epoch}
+        return None
+
+    return await _until(where, 60)
+
+
 def postgres(home: str) -> dict:
     """PostgreSQL + pgvector for host A's memory service (a unix socket in `home`, no TCP at all)."""
     from pathlib import Path
@@ -168,7 +194,8 @@ def main() -> None:
         print(json.dumps(postgres(args[0])))
         return
     run = {"services": lambda: services(args), "nodes": lambda: nodes(args), "models": lambda: models(args),
-           "mission": mission, "generate": lambda: generate(args[0]), "refusals": lambda: refusals(args[0])}[step]
+           "mission": mission, "generate": lambda: generate(args[0]), "refusals": lambda: refusals(args[0]),
+           "place": lambda: place(*args), "running": lambda: running(*args)}[step]
     print(json.dumps(asyncio.run(run())))
 
 

