@@ -16,7 +16,7 @@ import re
 
 import msgspec
 
-from protos.mission import RESULT_STREAM
+from protos.mission import RESULT_STREAM, SUBMIT_STREAM
 
 SERVICE_ROLES = ("scheduler", "inference", "memory", "consensus", "orchestrator")
 USER_ROLES = ("client", "admin")
@@ -120,7 +120,8 @@ def _role_table() -> dict[str, Permissions]:
             summary="serves `magi.consensus.>`; publishes nothing but replies"),
         "orchestrator": Permissions(
             pub_allow=[">"], pub_deny=_ORCHESTRATOR_DENY,
-            sub_allow=_service("magi-orchestrator", ["magi.mission.run", "magi.mission.get", "magi.mission.result.>"],
+            sub_allow=_service("magi-orchestrator", ["magi.mission.run", "magi.mission.get", "magi.mission.result.>",
+                                                     f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SUBMIT_STREAM}.>"],
                                "orchestrator"),
             summary="serves `magi.mission.run` and `.get`, queues and consumes `magi.mission.submit`, asks memory, "
                     "inference and consensus, stores results, publishes progress (never `$SYS`, `_MAGI.` or control "

@@ -31,13 +31,14 @@ from nats.js.errors import FetchTimeoutError
 from protos.mission import DEAD_PREFIX, SUBMIT_STREAM, SUBMIT_SUBJECT, DeadLetter, MissionReply, MissionRequest
 from services.orchestrator.results import Outcome, ResultStore, ensure_streams
 from services.orchestrator.watch import Disruptions
-from shared.errors import MagiError, Unavailable, translate
+from shared.errors import Internal, MagiError, Unavailable, translate
 from shared.service import RequestContext
 from shared.telemetry import extract_context, tracer
 
 log = logging.getLogger("magi.orchestrator.queue")
 
 DURABLE = "orchestrator"
+MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SUBMIT_STREAM}.{DURABLE}"
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # before the 2nd, 3rd, ... attempt
 
 _decoder = msgspec.json.Decoder(MissionRequest)
@@ -48,9 +49,26 @@ Runner = Callable[[MissionRequest, RequestContext, str], Awaitable[MissionReply]
 
 def mission_id_of(msg, mission: MissionRequest | None) -> str:
     """The mission's own id, else the publisher's `Nats-Msg-Id`, else the stream sequence."""
-    raw = (mission.mission_id if mission else "") or (msg.headers or {}).get("Nats-Msg-Id") or ""
+    return _mission_id(mission, msg.headers, msg.metadata.sequence.stream)
+
+
+def mission_id_of_stored(msg, mission: MissionRequest | None) -> str:
+    """The same id for a message read back from the stream (a `RawStreamMsg`)."""
+    return _mission_id(mission, msg.headers, msg.seq)
+
+
+def _mission_id(mission: MissionRequest | None, headers: dict | None, sequence: int) -> str:
+    raw = (mission.mission_id if mission else "") or (headers or {}).get("Nats-Msg-Id") or ""
     raw = "".join(ch for ch in raw if ch.isalnum() or ch in "-_")[:64]
-    return raw or f"seq{msg.metadata.sequence.stream}"
+    return raw or f"seq{sequence}"
+
+
+class _MaxDeliveries(msgspec.Struct):
+    stream_seq: int
+    deliveries: int = 0
+
+
+_advisory = msgspec.json.Decoder(_MaxDeliveries)
 
 
 def retry_delay(attempt: int) -> float:
@@ -105,6 +123,9 @@ class MissionQueue:
         # Create or update: a consumer left by an older version (a 600 s ack wait) takes today's settings.
         await js.add_consumer(SUBMIT_STREAM, self.consumer_config())
         self._sub = await js.pull_subscribe_bind(DURABLE, SUBMIT_STREAM)
+        # A mission that stopped its orchestrator on every attempt never reaches `_attempt`'s last branch:
+        # JetStream's advisory says so, and one orchestrator (a queue group) dead-letters it.
+        await self.nc.subscribe(MAX_DELIVERIES_ADVISORY, queue=DURABLE, cb=self._on_max_deliveries)
         self._task = asyncio.create_task(self._loop(), name="mission-queue")
 
     async def _loop(self) -> None:
@@ -218,6 +239,23 @@ class MissionQueue:
             yield
         finally:
             task.cancel()
+
+    async def _on_max_deliveries(self, event) -> None:
+        try:
+            advisory = _advisory.decode(event.data)
+            msg = await self.nc.jetstream().get_msg(SUBMIT_STREAM, advisory.stream_seq)
+            mission = None
+            with contextlib.suppress(Exception):
+                mission = _decoder.decode(msg.data)
+            mission_id = mission_id_of_stored(msg, mission)
+            if await self.results.stored(mission_id) is not None:
+                return  # settled after all (stored, then the ack was lost with its orchestrator)
+            error = Internal(f"the mission's orchestrator stopped during each of its {advisory.deliveries} attempts")
+            await self._dead_letter(msg, mission_id, advisory.deliveries, error)
+            await self.results.store(mission_id, Outcome.of_error(error))
+        except Exception as exc:  # the advisory is informational: log it, never end the subscription
+            log.warning("could not dead-letter a mission past max_deliver",
+                        extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
 
     async def _dead_letter(self, msg, mission_id: str, attempts: int, error: MagiError) -> None:
         letter = DeadLetter(mission_id=mission_id, attempts=attempts, code=error.code, error=error.message,
