@@ -26,6 +26,7 @@ _VIOLATION = re.compile(r'permissions violation for (?P<kind>publish|subscriptio
                         re.IGNORECASE)
 _violations: dict[str, float] = {}
 _reported: dict[str, float] = {}
+_repeats: dict[str, int] = {}  # occurrences of each error since it was last logged
 
 _encoder = msgspec.json.Encoder()
 _decoders: dict[type, msgspec.json.Decoder] = {}
@@ -49,9 +50,32 @@ async def on_error(exc: Exception) -> None:
         _violations[subject] = time.monotonic()
         return
     text = f"{type(exc).__name__}: {exc}"[:300]
+    _repeats[text] = _repeats.get(text, 0) + 1
     if time.monotonic() - _reported.get(text, -60.0) > 60.0:  # a retrying client repeats itself twice a second
-        log.warning("bus error", extra={"error": text})
+        log.warning("bus error", extra={"error": text, "times": _repeats.pop(text)})
         _reported[text] = time.monotonic()
+
+
+class Outage:
+    """One log line when something becomes unreachable and one when it is back, with the count between."""
+
+    def __init__(self, what: str, logger: logging.Logger = log) -> None:
+        self.what = what
+        self.log = logger
+        self.failures = 0
+        self.since = 0.0
+
+    def failed(self, exc: Exception) -> None:
+        if self.failures == 0:
+            self.since = time.monotonic()
+            self.log.warning(f"{self.what} unreachable; retrying", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
+        self.failures += 1
+
+    def ended(self) -> None:
+        if self.failures:
+            self.log.info(f"{self.what} reachable again", extra={"failures": self.failures,
+                                                                 "outage_s": round(time.monotonic() - self.since, 1)})
+        self.failures = 0
 
 
 def refused(subject: str, within_s: float = 120.0) -> bool:

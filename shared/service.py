@@ -89,7 +89,11 @@ class MagiService:
         self._endpoints.append(_Endpoint(subject, request_type, handler, max_concurrency))
 
     async def connect(self, **callbacks) -> Client:
-        """Connect as this service's identity; `callbacks` are nats-py's (e.g. `disconnected_cb`)."""
+        """Connect as this service's identity; `callbacks` are nats-py's (e.g. `disconnected_cb`).
+
+        With unlimited reconnects nats-py also waits for a bus that is not up yet (a service started before
+        NATS); `bus.on_error` logs that once a minute with a count, not once per attempt.
+        """
         self.nc = await nats.connect(
             self.settings.nats_servers(),
             name=self.name,

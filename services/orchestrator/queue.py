@@ -31,6 +31,7 @@ from nats.js.errors import FetchTimeoutError
 from protos.mission import DEAD_PREFIX, SUBMIT_STREAM, SUBMIT_SUBJECT, DeadLetter, MissionReply, MissionRequest
 from services.orchestrator.results import Outcome, ResultStore, ensure_streams
 from services.orchestrator.watch import Disruptions
+from shared import bus
 from shared.errors import Internal, MagiError, Unavailable, translate
 from shared.service import RequestContext
 from shared.telemetry import extract_context, tracer
@@ -75,27 +76,6 @@ def retry_delay(attempt: int) -> float:
     return RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)]
 
 
-class Outage:
-    """One log line when the queue becomes unreachable and one when it is back, with the count between."""
-
-    def __init__(self, what: str) -> None:
-        self.what = what
-        self.failures = 0
-        self.since = 0.0
-
-    def failed(self, exc: Exception) -> None:
-        if self.failures == 0:
-            self.since = time.monotonic()
-            log.warning(f"{self.what} unreachable", extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
-        self.failures += 1
-
-    def ok(self) -> None:
-        if self.failures:
-            log.info(f"{self.what} reachable again", extra={"failures": self.failures,
-                                                            "outage_s": round(time.monotonic() - self.since, 1)})
-        self.failures = 0
-
-
 class MissionQueue:
     def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 8,
                  concurrency: int = 16, replicas: int = 1) -> None:
@@ -110,7 +90,7 @@ class MissionQueue:
         self.running: set[asyncio.Task] = set()
         self.attempts: dict[asyncio.Task, float] = {}  # missions running now -> when they started
         disruptions.listeners.append(self._interrupt)
-        self.outage = Outage("mission queue")
+        self.outage = bus.Outage("mission queue", log)
         self._task: asyncio.Task | None = None
 
     def consumer_config(self) -> ConsumerConfig:
@@ -137,7 +117,7 @@ class MissionQueue:
             try:
                 msgs = await self._sub.fetch(batch=free, timeout=1.0)
             except (FetchTimeoutError, NatsTimeoutError):  # nats-py 2.16 raises the latter when nothing waits
-                self.outage.ok()
+                self.outage.ended()
                 continue
             except asyncio.CancelledError:
                 raise
@@ -145,7 +125,7 @@ class MissionQueue:
                 self.outage.failed(exc)
                 await asyncio.sleep(min(0.25 * 2 ** min(self.outage.failures, 3), 2.0))
                 continue
-            self.outage.ok()
+            self.outage.ended()
             for msg in msgs:
                 task = asyncio.create_task(self._handle(msg))
                 self.running.add(task)

@@ -11,7 +11,7 @@ import psutil
 import pytest
 
 from shared import stack
-from shared.procs import free_port, pid_alive, port_is_free, process_tree
+from shared.procs import free_port, pid_alive, port_is_free, process_tree, stop_tree
 
 pytestmark = pytest.mark.integration
 
@@ -91,3 +91,25 @@ def test_keeper_restarts_a_killed_service_and_nats(tmp_path):
         pids = [pid for _, pid, _, _ in stack.status(tmp_path)]
         stack.down(tmp_path)
     assert not any(pid_alive(pid) for pid in pids), "the keeper brought something back after down"
+
+
+async def test_a_service_started_before_nats_waits_for_it_and_says_so_once(tmp_path, caplog):
+    from shared.config import Settings
+    from shared.service import MagiService
+
+    cfg = stack.StackConfig(home=tmp_path, nats_port=free_port(), redis_port=free_port(), services=())
+    stack.ensure_credentials(cfg)
+    service = MagiService("magi-consensus", "0.0.0", "test", Settings(nats_url=cfg.nats_url, home=str(tmp_path)))
+    connecting = asyncio.create_task(service.connect())
+    await asyncio.sleep(2.0)
+    assert not connecting.done()
+    nats = await asyncio.to_thread(stack.start_nats, cfg)
+    try:
+        nc = await asyncio.wait_for(connecting, 15)
+        assert nc.is_connected
+        said = [r for r in caplog.records if r.name == "magi.bus"]
+        # About eight failed attempts in those 2 s: one line says so, not one per attempt.
+        assert [r.getMessage() for r in said] == ["bus error"] and said[0].times == 1, said
+        await nc.close()
+    finally:
+        stop_tree(nats.pid)
