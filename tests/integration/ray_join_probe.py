@@ -10,6 +10,7 @@ import time
 
 from services.agent.rayjoin import ray_worker_spec
 from shared.config import load_settings
+from tests.integration.private_net import connect_ray
 
 BIN = os.path.dirname(sys.executable)
 
@@ -37,7 +38,7 @@ def main() -> None:
     try:
         import ray
 
-        _connect(ray)
+        connect_ray(ray, "127.0.0.1:6390")
         worker = subprocess.Popen(spec.command, env={**env, **spec.env, "MAGI_NODE_NAME": "nodeb"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
@@ -57,18 +58,6 @@ def main() -> None:
             if proc is not None:
                 proc.terminate()
                 proc.wait(60)
-
-
-def _connect(ray) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            ray.init(address="127.0.0.1:6390", log_to_driver=False)
-            return
-        except (ConnectionError, RuntimeError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 if __name__ == "__main__":

@@ -22,6 +22,7 @@ from services.scheduler.state import NODES_KEY
 from shared import stack
 from shared.config import Settings
 from shared.procs import free_port
+from tests.integration.inprocess import Running
 
 pytestmark = pytest.mark.integration
 
@@ -65,30 +66,6 @@ def nats_url(servers) -> str:
 @pytest.fixture
 def stack_home(servers) -> str:
     return servers.home
-
-
-class Running:
-    """Services started in-process the way `run_service` does: build(), then start(); stop() undoes both."""
-
-    def __init__(self) -> None:
-        self.stops: dict[str, object] = {}
-
-    async def start(self, name: str, module, settings: Settings) -> None:
-        service, cleanup = await module.build(settings)
-        await service.start()
-
-        async def stop() -> None:
-            await service.close()
-            await cleanup()
-
-        self.stops[name] = stop
-
-    async def stop(self, name: str) -> None:
-        await self.stops.pop(name)()
-
-    async def stop_all(self) -> None:
-        for name in list(self.stops):
-            await self.stop(name)
 
 
 @pytest.fixture

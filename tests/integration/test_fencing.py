@@ -25,6 +25,7 @@ from services.scheduler import service as scheduler_service
 from shared import bus, stack
 from shared.config import Settings
 from shared.procs import free_port
+from tests.integration.inprocess import Running
 
 pytestmark = pytest.mark.integration
 
@@ -60,26 +61,6 @@ def nats_url(servers) -> str:
 @pytest.fixture
 def stack_home(servers) -> str:
     return servers.home
-
-
-class Running:
-    """Services started in-process the way `run_service` does; stop() undoes both build and start."""
-
-    def __init__(self) -> None:
-        self.stops: dict[str, object] = {}
-
-    async def start(self, name: str, module, settings: Settings) -> None:
-        service, cleanup = await module.build(settings)
-        await service.start()
-
-        async def stop() -> None:
-            await service.close()
-            await cleanup()
-
-        self.stops[name] = stop
-
-    async def stop(self, name: str) -> None:
-        await self.stops.pop(name)()
 
 
 @pytest.fixture

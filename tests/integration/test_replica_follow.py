@@ -12,15 +12,15 @@ tests.integration.test_replica_follow TEMP`) inside the namespace; pytest runs t
 import asyncio
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
 import uuid
 from pathlib import Path
 
-import psutil
 import pytest
+
+from tests.integration.private_net import REASON, can_make_network_namespaces, connect_ray, run_probe
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -29,25 +29,10 @@ BIN = os.path.dirname(sys.executable)
 HEAD = "127.0.0.1:6391"
 
 
-def _can_make_network_namespaces() -> bool:
-    if os.geteuid() != 0 or not (shutil.which("unshare") and shutil.which("ip")):
-        return False
-    return subprocess.run(["unshare", "--net", "true"], capture_output=True).returncode == 0
-
-
-@pytest.mark.skipif(not _can_make_network_namespaces(), reason="needs root, unshare(1), ip(8) and network namespaces")
+@pytest.mark.skipif(not can_make_network_namespaces(), reason=REASON)
 def test_a_replica_follows_its_node_on_two_ray_nodes():
     temp = f"/tmp/magi-follow-{os.getpid()}"  # short: Ray's unix socket paths must fit 107 bytes
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "MAGI_"))}
-    try:
-        out = subprocess.run(["unshare", "--net", sys.executable, "-m", "tests.integration.test_replica_follow", temp],
-                             cwd=REPO, env=env, capture_output=True, text=True, timeout=280)
-    finally:
-        left = [p.pid for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
-        shutil.rmtree(temp, ignore_errors=True)
-    assert not left, f"Ray processes of the probe outlived it: {left}"
-    assert out.returncode == 0, out.stderr[-4000:]
-    result = json.loads(out.stdout.strip().splitlines()[-1])
+    result = run_probe("tests.integration.test_replica_follow", temp, timeout=280)
     assert result["started"] == "nodeb"
     assert result["drained"] == {"node": "head", "restarts": 0, "answered_on": "head"}
     assert result["back"] == {"node": "nodeb", "restarts": 0, "answered_on": "nodeb"}
@@ -81,7 +66,7 @@ def main() -> None:
     try:
         import ray
 
-        _connect(ray)
+        connect_ray(ray, HEAD, namespace="magi")
         worker = subprocess.Popen(spec.command, env={**os.environ, **spec.env, "MAGI_NODE_NAME": "nodeb"},
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         _wait(lambda: "magi_node:nodeb" in ray.cluster_resources(), 60, "nodeb to join Ray")
@@ -151,18 +136,6 @@ def _wait(ok, timeout: float, what: str) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"waited {timeout:.0f} s for {what}")
         time.sleep(0.5)
-
-
-def _connect(ray) -> None:
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            ray.init(address=HEAD, namespace="magi", log_to_driver=False)
-            return
-        except (ConnectionError, RuntimeError):
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(1)
 
 
 if __name__ == "__main__":
