@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import re
 import time
+import weakref
 from typing import AsyncIterator, TypeVar
 
 import msgspec
@@ -21,10 +22,11 @@ T = TypeVar("T")
 log = logging.getLogger("magi.bus")
 
 # nats-server reports a refused publish asynchronously ("Permissions Violation for Publish to ..."), and
-# the request then just times out. Remembering the refusal lets that timeout say what really happened.
+# the request then just times out. Remembering the refusal, per connection (a process may hold several
+# identities), lets that timeout say what really happened.
 _VIOLATION = re.compile(r'permissions violation for (?P<kind>publish|subscription) to "?(?P<subject>[^"\s]+)"?',
                         re.IGNORECASE)
-_violations: dict[str, float] = {}
+_violations: dict[str, float] = {}  # when each refusal was last logged (throttling only)
 _reported: dict[str, float] = {}
 _repeats: dict[str, int] = {}  # occurrences of each error since it was last logged
 
@@ -47,7 +49,7 @@ async def on_error(exc: Exception) -> None:
         if time.monotonic() - _violations.get(subject, -60.0) > 60.0:
             log.warning("permission denied by nats-server", extra={"action": found.group("kind").lower(),
                                                                   "subject": subject})
-        _violations[subject] = time.monotonic()
+            _violations[subject] = time.monotonic()
         return
     text = f"{type(exc).__name__}: {exc}"[:300]
     _repeats[text] = _repeats.get(text, 0) + 1
@@ -78,16 +80,44 @@ class Outage:
         self.failures = 0
 
 
-def refused(subject: str, within_s: float = 120.0) -> bool:
-    """Whether nats-server recently refused this process a publish or subscription on `subject`."""
-    return time.monotonic() - _violations.get(subject.lower(), -1e9) < within_s
+class Refusals:
+    """One connection's error callback: logs as `on_error` does and remembers what the server refused it."""
+
+    def __init__(self) -> None:
+        self.subjects: dict[str, float] = {}
+
+    async def note(self, exc: Exception) -> None:  # nats-py wants a coroutine function, not a callable
+        found = _VIOLATION.search(str(exc))
+        if found:
+            self.subjects[found.group("subject")] = time.monotonic()  # nats-py lowercases the message
+        await on_error(exc)
+
+    def refused(self, subject: str, within_s: float = 120.0) -> bool:
+        return time.monotonic() - self.subjects.get(subject.lower(), -1e9) < within_s
+
+
+_refusals: "weakref.WeakKeyDictionary[Client, Refusals]" = weakref.WeakKeyDictionary()
+
+
+def track(nc: Client, refusals: Refusals) -> Client:
+    """Let `request` on `nc` report a refused publish as 403 (`refusals.note` must be its error callback)."""
+    _refusals[nc] = refusals
+    return nc
+
+
+def refused(nc: Client, subject: str, within_s: float = 120.0) -> bool:
+    """Whether nats-server recently refused this connection a publish or subscription on `subject`."""
+    refusals = _refusals.get(nc)
+    return refusals is not None and refusals.refused(subject, within_s)
 
 
 async def connect(settings: Settings, name: str = "magi-client", role: str = "admin") -> Client:
     """A short-lived client connection as `role` (its credentials, inbox space and TLS from settings)."""
+    refusals = Refusals()
     try:
-        return await nats.connect(settings.nats_servers(), name=name, connect_timeout=3, max_reconnect_attempts=3,
-                                  error_cb=on_error, **connect_options(settings, role))
+        return track(await nats.connect(settings.nats_servers(), name=name, connect_timeout=3,
+                                        max_reconnect_attempts=3, error_cb=refusals.note,
+                                        **connect_options(settings, role)), refusals)
     except Exception as exc:
         error = errors.translate(exc)
         if error.code == 403:
@@ -102,7 +132,7 @@ async def request(nc: Client, subject: str, payload: msgspec.Struct | dict | byt
     try:
         msg = await nc.request(subject, data, timeout=timeout, headers=inject_headers())
     except Exception as exc:
-        if refused(subject):
+        if refused(nc, subject):
             raise errors.Forbidden(f"this identity may not publish to {subject}") from None
         raise errors.translate(exc) from None
     headers = msg.headers or {}

@@ -148,7 +148,7 @@ async def _raw_request(subject: str, payload: bytes, timeout: float):
     except Exception as exc:
         from shared.errors import Forbidden, translate
 
-        if bus.refused(subject):
+        if bus.refused(nc, subject):
             raise Forbidden(f"the {_CONTEXT['role']!r} identity may not publish to {subject}") from None
         raise translate(exc) from None
     finally:

@@ -94,15 +94,16 @@ class MagiService:
         With unlimited reconnects nats-py also waits for a bus that is not up yet (a service started before
         NATS); `bus.on_error` logs that once a minute with a count, not once per attempt.
         """
-        self.nc = await nats.connect(
+        refusals = bus.Refusals()
+        self.nc = bus.track(await nats.connect(
             self.settings.nats_servers(),
             name=self.name,
             max_reconnect_attempts=-1,
             reconnect_time_wait=0.5,
-            error_cb=bus.on_error,
+            error_cb=refusals.note,
             **connect_options(self.settings, self.identity),
             **callbacks,
-        )
+        ), refusals)
         return self.nc
 
     async def start(self) -> None:

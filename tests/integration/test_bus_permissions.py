@@ -11,7 +11,7 @@ import pytest
 from protos.node import Heartbeat, NodesReply
 from protos.sched import AssignmentsReply, DrainReply, DrainRequest, InstanceSpec, PlaceReply, PlaceRequest
 from shared import bus, stack
-from shared.errors import BadRequest, Forbidden
+from shared.errors import BadRequest, Forbidden, Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -26,11 +26,14 @@ class Identity:
         self.nc = None
 
     async def open(self, magi_stack, identity: str) -> "Identity":
+        refusals = bus.Refusals()
+
         async def on_error(exc: Exception) -> None:
             self.refused.append(str(exc).lower())
-            await bus.on_error(exc)
+            await refusals.note(exc)
 
-        self.nc = await stack.connect_as(magi_stack.home, magi_stack.nats_url, identity, error_cb=on_error)
+        self.nc = bus.track(await stack.connect_as(magi_stack.home, magi_stack.nats_url, identity, error_cb=on_error),
+                            refusals)
         return self
 
     async def was_refused(self, action: str, subject: str, timeout: float = 2.0) -> bool:
@@ -131,3 +134,11 @@ async def test_cli_role_client_is_refused_a_drain(magi_stack):
     ok = subprocess.run([sys.executable, "-m", "shared.cli", "nodes", "--role", "client"], env=env,
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and NODE in ok.stdout, ok.stderr
+
+
+async def test_one_connections_refusal_is_not_blamed_on_another_in_the_same_process(as_identity):
+    client, admin = await as_identity("client"), await as_identity("admin")
+    with pytest.raises(Forbidden):
+        await bus.request(client.nc, "magi.sched.unserved", b"{}", NodesReply, timeout=1.5)
+    with pytest.raises(Unavailable):  # admin may publish there; nothing answers
+        await bus.request(admin.nc, "magi.sched.unserved", b"{}", NodesReply, timeout=1.5)

@@ -133,11 +133,13 @@ async def refusals(node: str) -> dict:
     out["plaintext"] = await _plaintext()
     denied: list[str] = []
 
+    tracker = bus.Refusals()  # so a refused request reports 403, as any MAGI client's does
+
     async def note(exc):
         denied.append(str(exc))
-        await bus.on_error(exc)  # so a refused request reports 403, as any MAGI client's does
+        await tracker.note(exc)
 
-    nc = await _connect(error_cb=note)
+    nc = bus.track(await _connect(error_cb=note), tracker)
     spec = InstanceSpec(instance_id="evil", ram_gb=0.1, command=["sh", "-c", "id"])
     out["place"] = await _refused(bus.request(nc, "magi.sched.place", PlaceRequest(instances=[spec]), PlaceReply,
                                               timeout=2))
