@@ -1,6 +1,6 @@
 """nats-server configuration files, for the local stack and for a cluster (`magi cluster init`).
 
-Every file has JetStream fsyncing each write (`sync_interval: always`: a mission the server acknowledged
+Every file has clients pinged every 5 s (one that misses two is dropped), JetStream fsyncing each write (`sync_interval: always`: a mission the server acknowledged
 survives a power cut) and an `authorization` block of nkey users (see `shared.natsauth`), so an
 anonymous client is refused. With TLS, clients must speak TLS (plaintext is refused) and routes between
 servers authenticate each other with certificates from the cluster's CA.
@@ -45,6 +45,9 @@ def server_config(*, listen: str, store_dir: Path, users: dict[str, str], tls: T
     if server_name:
         parts.append(f"server_name: {_q(server_name)}\n")
     parts.append(f"listen: {_q(listen)}\nmax_payload: 1MB\n")
+    # A client that answers no PING for ~10 s (frozen by SIGSTOP, cut off by a partition) is dropped, and with
+    # it its queue subscriptions: a paused scheduler leader stops taking requests its successor now serves.
+    parts.append('ping_interval: "5s"\nping_max: 2\n')
     if monitor:  # the HTTP monitoring port: loopback only, it has no authentication
         parts.append(f"http: {_q(monitor)}\n")
     parts.append(f"jetstream {{\n  store_dir: {_q(store_dir)}\n  sync_interval: always\n}}\n")
