@@ -57,6 +57,28 @@ def _wait_restarted(home, name: str, old_pid: int, timeout: float = 30.0) -> int
     raise AssertionError(f"{name} was not restarted within {timeout} s: {stack.status(home)}")
 
 
+async def _frozen_service_loses_its_subscriptions(home, nats_url: str) -> None:
+    """nats-server drops a client that misses two 5 s pings: requests then get "no responders" at once
+    instead of waiting on a process that cannot answer."""
+    pid, _, _ = _component(home, "consensus")
+    nc = await stack.connect_as(home, nats_url)
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        frozen = time.monotonic()
+        while True:
+            try:
+                await nc.request("$SRV.PING.magi-consensus", b"", timeout=1)
+            except Exception as exc:
+                if type(exc).__name__ == "NoRespondersError":
+                    break
+            assert time.monotonic() - frozen < 25, "a frozen service kept its subscriptions"
+            await asyncio.sleep(0.5)
+        assert time.monotonic() - frozen >= 5  # not before a missed ping
+    finally:
+        os.kill(pid, signal.SIGCONT)
+        await nc.close()
+
+
 def test_keeper_restarts_a_killed_service_and_nats(tmp_path):
     cfg = stack.StackConfig(home=tmp_path, nats_port=free_port(), redis_port=free_port(), services=("consensus",))
     state = asyncio.run(stack.up(cfg))
@@ -81,6 +103,8 @@ def test_keeper_restarts_a_killed_service_and_nats(tmp_path):
                 await nc.close()
 
         asyncio.run(ping())
+        asyncio.run(_frozen_service_loses_its_subscriptions(tmp_path, state.nats_url))
+        asyncio.run(ping())  # woken, it reconnected on its own
         env = dict(os.environ, MAGI_HOME=str(tmp_path), MAGI_NATS_URL=state.nats_url)
         out = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
                              timeout=60)
