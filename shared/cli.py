@@ -215,12 +215,30 @@ def print_mission(reply) -> None:
 
 
 def cmd_mission(args) -> int:
+    import uuid
+
     from protos.mission import MissionRequest
 
+    # Named here, so a reply lost to a timeout or a crash can still be read with `magi result ID`.
+    mission_id = args.id or uuid.uuid4().hex
     request = MissionRequest(prompt=args.prompt, needs_deep_analysis=args.deep, variations=args.variation or [],
                              context_needed=args.context, consensus=args.strategy, max_tokens=args.max_tokens,
-                             deadline_s=args.deadline)
-    reply = asyncio.run(_mission_with_progress(request, args.deadline + 5))
+                             deadline_s=args.deadline, mission_id=mission_id)
+    try:
+        reply = asyncio.run(_mission_with_progress(request, args.deadline + 20))
+    except MagiError as exc:
+        if exc.code == 504:
+            exc.message += f" (mission {mission_id} is accepted: `magi result {mission_id}` reads it when done)"
+        raise
+    if not _emit(reply, args.json):
+        print_mission(reply)
+    return 0
+
+
+def cmd_result(args) -> int:
+    from protos.mission import MissionGet, MissionReply
+
+    reply = asyncio.run(_call("magi.mission.get", MissionGet(mission_id=args.mission_id), MissionReply, timeout=10))
     if not _emit(reply, args.json):
         print_mission(reply)
     return 0
@@ -421,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--strategy", default="medoid", choices=["medoid", "majority", "longest"])
     p.add_argument("--max-tokens", type=int, default=96)
     p.add_argument("--deadline", type=float, default=120.0)
+    p.add_argument("--id", default="", help="name the mission (an idempotency key: the same id never runs twice)")
+    p.add_argument("--json", action="store_true")
+    p = add("result", cmd_result, "the stored result of a mission, by its id (magi.mission.get)")
+    p.add_argument("mission_id")
     p.add_argument("--json", action="store_true")
     p = add("chat", cmd_chat, "chat with a model (one prompt, or interactive)")
     p.add_argument("prompt", nargs="?")

@@ -30,6 +30,21 @@ def test_mission_shows_each_clone_as_it_finishes(magi_stack):
     assert "consensus" in out.stdout and "Traceback" not in out.stderr
 
 
+def test_a_named_mission_runs_once_and_its_result_is_read_back_by_id(magi_stack):
+    import json
+
+    ran = _magi(magi_stack, "mission", "Name a colour.", "-v", "in one word", "--max-tokens", "8",
+                "--id", "cli-named-1", "--json")
+    again = _magi(magi_stack, "mission", "Something else entirely.", "--id", "cli-named-1", "--json")
+    assert ran.returncode == 0 and again.returncode == 0, ran.stderr + again.stderr
+    first, second = json.loads(ran.stdout), json.loads(again.stdout)
+    assert second == first  # the same id never runs twice: the stored reply comes back
+    read = _magi(magi_stack, "result", "cli-named-1", "--json")
+    assert read.returncode == 0 and json.loads(read.stdout) == first
+    unknown = _magi(magi_stack, "result", "never-submitted")
+    assert unknown.returncode != 0 and "no result for mission never-submitted" in unknown.stdout + unknown.stderr
+
+
 def test_models_table_lists_replicas(magi_stack):
     out = _magi(magi_stack, "models")
     assert out.returncode == 0 and "smollm2-135m/0" in out.stdout and "ready" in out.stdout
