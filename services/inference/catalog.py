@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 import msgspec
 import yaml
 
+from services.inference import minilm
 from shared.errors import BadRequest, NotFound
 
 Role = Literal["heavy", "fast", "embed"]
@@ -56,7 +57,8 @@ def default_catalog() -> Catalog:
     return Catalog(
         models=[
             ModelSpec(name="smollm2-135m", roles=["heavy", "fast"], replicas=2),
-            ModelSpec(name="smollm2-135m-embed", roles=["embed"], replicas=1, n_ctx=512),
+            # A trained sentence-embedding model (all-MiniLM-L6-v2, 384 dimensions), converted from its wheel.
+            ModelSpec(name="all-minilm-l6-v2", source=minilm.PACKAGE, roles=["embed"], replicas=1, n_ctx=512),
         ]
     )
 
@@ -75,7 +77,10 @@ def load_catalog(path: str) -> Catalog:
 
 
 def resolve_source(source: str) -> Path:
-    """A .gguf path as is, or the first .gguf inside the folder of an installed package."""
+    """A .gguf path as is, the first .gguf inside the folder of an installed package, or all-MiniLM-L6-v2
+    converted from its wheel (once, into MAGI_MODEL_CACHE)."""
+    if source == minilm.PACKAGE:
+        return minilm.ensure_gguf(Path(os.environ.get("MAGI_MODEL_CACHE", "~/.cache/magi/models")).expanduser())
     if source.endswith(".gguf"):
         path = Path(source).expanduser()
         if not path.is_file():

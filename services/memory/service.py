@@ -23,8 +23,10 @@ class Embedder:
         self.timeout = timeout
 
     async def embed(self, texts: list[str]) -> list[list[float]]:
-        reply = await bus.request(self.nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply, timeout=self.timeout)
-        return reply.vectors
+        return (await self.embed_reply(texts)).vectors
+
+    async def embed_reply(self, texts: list[str]) -> EmbedReply:
+        return await bus.request(self.nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply, timeout=self.timeout)
 
 
 class MemoryEndpoints:
@@ -53,9 +55,10 @@ class MemoryEndpoints:
         return SearchReply(hits=hits, dim=self.store.dim)
 
 
-async def _embedding_dim(embedder: Embedder) -> int:
+async def _embedding_model(embedder: Embedder) -> tuple[str, int]:
     try:
-        return len((await embedder.embed(["dimension probe"]))[0])
+        reply = await embedder.embed_reply(["dimension probe"])
+        return reply.model, len(reply.vectors[0])
     except Unavailable as exc:
         raise Unavailable(f"memory needs the inference service's embed model: {exc.message}") from None
 
@@ -64,7 +67,8 @@ async def build(settings: Settings):
     service = MagiService("magi-memory", VERSION, "Vector memory on PostgreSQL + pgvector", settings)
     nc = await service.connect()
     embedder = Embedder(nc, timeout=settings.request_timeout_s)
-    store = await MemoryStore.open(settings.pg_dsn, await _embedding_dim(embedder))
+    model, dim = await _embedding_model(embedder)
+    store = await MemoryStore.open(settings.pg_dsn, dim, model, embedder.embed)
     endpoints = MemoryEndpoints(store, embedder)
     service.endpoint("magi.memory.upsert", UpsertRequest, endpoints.upsert)
     service.endpoint("magi.memory.search", SearchRequest, endpoints.search)

@@ -41,3 +41,36 @@ async def test_search_needs_text_or_embedding(nc):
     with pytest.raises(BadRequest) as info:
         await bus.request(nc, "magi.memory.search", SearchRequest(), SearchReply, timeout=10)
     assert info.value.field == "text"
+
+
+async def test_a_new_embedding_model_re_embeds_what_is_stored(magi_stack, nc):
+    """Vectors from another model (another size here) are replaced, in one transaction, with the new one's."""
+    import asyncpg
+
+    from protos.infer import EmbedReply, EmbedRequest
+    from services.memory.store import MemoryStore
+
+    async def embed(texts):
+        reply = await bus.request(nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply, timeout=60)
+        return reply.vectors
+
+    admin = await asyncpg.connect(magi_stack.pg_dsn)
+    await admin.execute("DROP DATABASE IF EXISTS reembed_test")
+    await admin.execute("CREATE DATABASE reembed_test")
+    dsn = magi_stack.pg_dsn.replace("/postgres?", "/reembed_test?")
+    try:
+        old = await MemoryStore.open(dsn, 3, "toy-3d")
+        await old.upsert([("d1", "default", DOCS[0], {}, [1.0, 0.0, 0.0]),
+                          ("d2", "default", DOCS[1], {}, [0.0, 1.0, 0.0])])
+        await old.close()
+        with pytest.raises(Exception, match="re-embed"):  # without an embedder it refuses, naming both
+            await MemoryStore.open(dsn, 384, "all-minilm-l6-v2")
+        new = await MemoryStore.open(dsn, 384, "all-minilm-l6-v2", embed)
+        hits = await new.search((await embed([DOCS[1]]))[0], "default", 2)
+        assert [h.id for h in hits][0] == "d2" and hits[0].score == pytest.approx(1.0, abs=1e-4)
+        await new.close()
+        again = await MemoryStore.open(dsn, 384, "all-minilm-l6-v2")  # same model: nothing to do, no embedder needed
+        await again.close()
+    finally:
+        await admin.execute("DROP DATABASE IF EXISTS reembed_test WITH (FORCE)")
+        await admin.close()
