@@ -35,6 +35,9 @@ class ConsensusRecord(msgspec.Struct, kw_only=True):
     mission_id: str = ""
     created_at: str = ""
     copies: int = 1  # records stored for this mission id (a lookup by mission_id says; 1 unless duplicated)
+    # How answers were compared: "embedding" (by meaning, the embedding model's vectors) or "words" (token
+    # overlap: the fallback when no embedding model answered).
+    similarity: str = "words"
 
 
 class GetRequest(msgspec.Struct, kw_only=True):

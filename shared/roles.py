@@ -116,8 +116,9 @@ def _role_table() -> dict[str, Permissions]:
             sub_allow=_service("magi-memory", ["magi.memory.>"], "memory"),
             summary="serves `magi.memory.>`, asks `magi.infer.embed`"),
         "consensus": Permissions(
+            pub_allow=["magi.infer.embed"],
             sub_allow=_service("magi-consensus", ["magi.consensus.>"], "consensus"),
-            summary="serves `magi.consensus.>`; publishes nothing but replies"),
+            summary="serves `magi.consensus.>`, asks `magi.infer.embed` (to compare answers by meaning)"),
         "orchestrator": Permissions(
             pub_allow=[">"], pub_deny=_ORCHESTRATOR_DENY,
             sub_allow=_service("magi-orchestrator", ["magi.mission.run", "magi.mission.get", "magi.mission.result.>",

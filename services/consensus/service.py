@@ -2,22 +2,51 @@
 
 from __future__ import annotations
 
-from protos.consensus import ConsensusRecord, DecideRequest, GetRequest
+import asyncio
+import logging
+
+import numpy as np
+
+from protos.consensus import ConsensusRecord, DecideRequest, GetRequest, Vote
+from protos.infer import EmbedReply, EmbedRequest
 from services.consensus.store import ConsensusStore
 from services.consensus.strategies import decide
+from shared import bus
 from shared.config import Settings
-from shared.errors import BadRequest, NotFound
+from shared.errors import BadRequest, MagiError, NotFound
 from shared.service import MagiService, RequestContext
 
-VERSION = "0.1.0"
+VERSION = "0.2.0"
+log = logging.getLogger("magi.consensus")
+
+
+EMBED_TIMEOUT_S = 10.0
 
 
 class ConsensusEndpoints:
-    def __init__(self, store: ConsensusStore) -> None:
+    def __init__(self, store: ConsensusStore, nc=None) -> None:
         self.store = store
+        self.nc = nc
+        self.embedder = bus.Outage("the embedding model (magi.infer.embed); deciding by words", log)
+
+    async def vectors(self, votes: list[Vote]) -> np.ndarray | None:
+        """One `magi.infer.embed` call for every vote; None (similarity by words) when no embedder answers."""
+        if self.nc is None:
+            return None
+        texts = [v.text if v.text.strip() else " " for v in votes]
+        try:
+            reply = await bus.request(self.nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply,
+                                      timeout=EMBED_TIMEOUT_S)
+        except MagiError as exc:
+            self.embedder.failed(exc)
+            return None
+        self.embedder.ended()
+        return np.array(reply.vectors, dtype=np.float32)
 
     async def decide(self, req: DecideRequest, ctx: RequestContext) -> ConsensusRecord:
-        decision = decide(req.votes, req.strategy)
+        vectors = await self.vectors(req.votes)
+        # Off the event loop: grouping is O(n²) in the votes (up to 512).
+        decision = await asyncio.to_thread(decide, req.votes, req.strategy, vectors)
         record_id = await self.store.save(decision, req.votes, req.strategy, req.mission_id)
         return await self.store.get(record_id)  # what was stored, read back
 
@@ -37,8 +66,8 @@ class ConsensusEndpoints:
 async def build(settings: Settings):
     store = await ConsensusStore.open(settings)
     service = MagiService("magi-consensus", VERSION, "Merges clone answers; votes and decisions in SurrealDB", settings)
-    endpoints = ConsensusEndpoints(store)
+    nc = await service.connect()
+    endpoints = ConsensusEndpoints(store, nc)
     service.endpoint("magi.consensus.decide", DecideRequest, endpoints.decide)
     service.endpoint("magi.consensus.get", GetRequest, endpoints.get)
-    await service.connect()
     return service, store.close

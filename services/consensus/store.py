@@ -27,7 +27,8 @@ _STORE = """
 BEGIN TRANSACTION;
 DELETE vote WHERE consensus = type::thing('consensus', $key);
 UPSERT type::thing('consensus', $key) SET mission_id = $mission_id, strategy = $strategy, answer = $answer,
-    agreement = $agreement, winner = $winner, groups = $groups, votes = $votes, timestamp = time::now();
+    agreement = $agreement, winner = $winner, groups = $groups, similarity = $similarity, votes = $votes,
+    timestamp = time::now();
 FOR $vote IN $votes {
     CREATE vote SET consensus = type::thing('consensus', $key), position = $vote.position, clone_id = $vote.clone_id,
         text = $vote.text, role = $vote.role, model = $vote.model, node = $vote.node, ok = $vote.ok;
@@ -79,6 +80,7 @@ class ConsensusStore:
         await self.db.query(_STORE, {
             "key": key, "mission_id": mission_id, "strategy": strategy, "answer": decision.answer,
             "agreement": decision.agreement, "winner": decision.winner, "groups": decision.groups, "votes": rows,
+            "similarity": decision.similarity,
         })
         return f"consensus:{key}"
 
@@ -93,6 +95,7 @@ class ConsensusStore:
             id=f"consensus:{key}", answer=record["answer"], strategy=record["strategy"],
             agreement=record["agreement"], winner=record["winner"], groups=record.get("groups", []),
             mission_id=record.get("mission_id", ""), created_at=_iso(record.get("timestamp")),
+            similarity=record.get("similarity", "words"),
             votes=[Vote(clone_id=v["clone_id"], text=v["text"], role=v.get("role", ""), model=v.get("model", ""),
                         node=v.get("node", ""), ok=v.get("ok", True)) for v in votes],
         )

@@ -1,13 +1,30 @@
-"""Consensus strategies: pure functions over votes, deterministic for a given input."""
+"""Consensus strategies: pure functions over votes, deterministic for a given input.
+
+Similarity is by meaning when the caller has the answers' embeddings (unit vectors from the embedding
+model; cosine = dot product), else by words (token-set Jaccard), and the decision says which it used.
+Answers are grouped greedily, in vote order: an answer joins the first group whose centroid it is at
+least `GROUP_THRESHOLD` similar to, else starts its own. With all-MiniLM-L6-v2, 0.85 keeps paraphrases
+together ("The French capital is Paris." / "Paris is the capital of France.": 0.98) and one-word
+contradictions apart ("Red." / "Blue.": 0.79); longer contradictions that share most words can still
+score above it (embeddings do not see negation), so agreement measures closeness of meaning, not truth.
+
+- majority: the largest group wins; its member closest to the group's centroid is the answer.
+- medoid: the answer with the highest mean similarity to the largest group's members.
+- longest: the longest answer.
+`agreement` is always the share of the votes in the winner's group.
+"""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 
+import numpy as np
+
 from protos.consensus import Vote
 from shared.errors import Unprocessable
 
+GROUP_THRESHOLD = {"embedding": 0.85, "words": 0.6}
 _WORD = re.compile(r"[a-z0-9']+")
 
 
@@ -29,42 +46,48 @@ class Decision:
     winner: str
     agreement: float
     groups: list[list[str]]
+    similarity: str = "words"  # "embedding" when the vote vectors decided
 
 
-def _groups(votes: list[Vote]) -> list[list[Vote]]:
-    by_text: dict[str, list[Vote]] = {}
-    for vote in votes:
-        by_text.setdefault(normalise(vote.text), []).append(vote)
-    # Largest first; equal sizes keep first-seen order (dicts preserve insertion order, sort is stable).
-    return sorted(by_text.values(), key=len, reverse=True)
+def similarity_matrix(votes: list[Vote], vectors: np.ndarray | None) -> tuple[np.ndarray, str]:
+    if vectors is not None:
+        unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+        return unit @ unit.T, "embedding"
+    n = len(votes)
+    matrix = np.ones((n, n))
+    for i in range(n):
+        for j in range(i + 1, n):
+            matrix[i, j] = matrix[j, i] = similarity(votes[i].text, votes[j].text)
+    return matrix, "words"
 
 
-def _mean_similarity(vote: Vote, votes: list[Vote]) -> float:
-    others = [v for v in votes if v is not vote]
-    if not others:
-        return 1.0
-    return sum(similarity(vote.text, o.text) for o in others) / len(others)
+def group(sim: np.ndarray, threshold: float) -> list[list[int]]:
+    """Greedy grouping in vote order against each group's mean similarity; largest groups first."""
+    groups: list[list[int]] = []
+    for i in range(len(sim)):
+        scores = [float(sim[i, g].mean()) for g in groups]
+        best = int(np.argmax(scores)) if scores else -1
+        if best >= 0 and scores[best] >= threshold:
+            groups[best].append(i)
+        else:
+            groups.append([i])
+    return sorted(groups, key=len, reverse=True)  # stable: equal sizes keep first-seen order
 
 
-def _medoid(candidates: list[Vote], votes: list[Vote]) -> tuple[Vote, float]:
-    scored = [(_mean_similarity(c, votes), -i, c) for i, c in enumerate(candidates)]
-    best, _, vote = max(scored, key=lambda t: (t[0], t[1]))
-    return vote, best
-
-
-def decide(votes: list[Vote], strategy: str) -> Decision:
-    ok = [v for v in votes if v.ok and v.text.strip()]
-    if not ok:
+def decide(votes: list[Vote], strategy: str, vectors: np.ndarray | None = None) -> Decision:
+    ok_index = [i for i, v in enumerate(votes) if v.ok and v.text.strip()]
+    if not ok_index:
         raise Unprocessable("no successful votes to decide from", field="votes")
-    groups = _groups(ok)
-    group_ids = [[v.clone_id for v in g] for g in groups]
+    ok = [votes[i] for i in ok_index]
+    sim, kind = similarity_matrix(ok, None if vectors is None else vectors[ok_index])
+    groups = group(sim, GROUP_THRESHOLD[kind])
+    largest = groups[0]
     if strategy == "majority":
-        top = [g for g in groups if len(g) == len(groups[0])]
-        winner, _ = _medoid([g[0] for g in top], ok)
-        agreement = len(top[0]) / len(ok)
+        winner = max(largest, key=lambda i: (float(sim[i, largest].mean()), -i))
     elif strategy == "longest":
-        winner = max(enumerate(ok), key=lambda t: (len(t[1].text), -t[0]))[1]
-        agreement = _mean_similarity(winner, ok)
+        winner = max(range(len(ok)), key=lambda i: (len(ok[i].text), -i))
     else:
-        winner, agreement = _medoid(ok, ok)
-    return Decision(answer=winner.text, winner=winner.clone_id, agreement=round(agreement, 4), groups=group_ids)
+        winner = max(range(len(ok)), key=lambda i: (float(sim[i, largest].mean()), -i))
+    own = next(g for g in groups if winner in g)
+    return Decision(answer=ok[winner].text, winner=ok[winner].clone_id, agreement=round(len(own) / len(ok), 4),
+                    groups=[[ok[i].clone_id for i in g] for g in groups], similarity=kind)

@@ -1,3 +1,4 @@
+import numpy as np
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -29,10 +30,31 @@ def test_majority_picks_the_largest_group_and_reports_its_share():
     assert d.groups == [["c0", "c2", "c3"], ["c1"]]
 
 
-def test_majority_tie_is_broken_by_similarity_to_the_rest():
+def test_without_vectors_close_word_sets_group_and_the_decision_says_words():
     d = decide(votes("red apple", "green apple", "red apple pie"), "majority")
-    assert d.winner == "c0"  # closest to both others
-    assert d.agreement == pytest.approx(1 / 3, abs=1e-4)
+    assert d.groups == [["c0", "c2"], ["c1"]] and d.winner == "c0"  # Jaccard 2/3 joins; 1/3 does not
+    assert d.agreement == pytest.approx(2 / 3, abs=1e-4) and d.similarity == "words"
+
+
+def _unit(*rows):
+    array = np.array(rows, dtype=float)
+    return array / np.linalg.norm(array, axis=1, keepdims=True)
+
+
+def test_answers_that_agree_in_meaning_group_by_their_vectors():
+    # Few shared words, one meaning: the vectors (as an embedding model gives them) decide.
+    texts = ("The French capital is Paris.", "Paris is the capital of France.", "It is Lyon.")
+    vectors = _unit([1.0, 0.1, 0.0], [0.98, 0.15, 0.02], [0.3, 0.0, 1.0])
+    d = decide(votes(*texts), "majority", vectors)
+    assert d.groups == [["c0", "c1"], ["c2"]] and d.agreement == pytest.approx(2 / 3, abs=1e-4)
+    assert d.similarity == "embedding" and d.winner in {"c0", "c1"}
+    assert decide(votes(*texts), "medoid", vectors).winner in {"c0", "c1"}
+
+
+def test_vectors_of_failed_votes_are_skipped_with_them():
+    vectors = _unit([0.0, 1.0], [1.0, 0.0], [1.0, 0.05])
+    d = decide(votes("x", "y", "z", failed={0}), "majority", vectors)
+    assert d.groups == [["c1", "c2"]] and d.agreement == 1.0
 
 
 def test_medoid_picks_the_most_central_answer():
