@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 import msgspec
 
@@ -27,6 +27,11 @@ class MissionRequest(msgspec.Struct, kw_only=True):
     consensus: Strategy = "medoid"
     deadline_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
     max_tokens: Annotated[int, msgspec.Meta(ge=1, le=2048)] = 96
+    # The deep clone's own budget (seed 000: 2000 for deep analysis, 200 for variations); 0: `max_tokens`.
+    deep_max_tokens: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    # "style": each variation shapes the answer to `prompt` ("Answer in one line."); "prompt": each variation
+    # is a question of its own, asked with the same memory context.
+    variations_mode: Literal["style", "prompt"] = "style"
     namespace: Namespace = "default"
     k: Annotated[int, msgspec.Meta(ge=1, le=20)] = 3
     # Each clone's result is published here (a `CloneResult`) as soon as it finishes, for progress.
@@ -64,6 +69,7 @@ class CloneResult(msgspec.Struct, kw_only=True):
     text: str = ""
     error: str | None = None
     completion_tokens: int = 0
+    context_ids: list[str] = []  # the memory hits this clone's prompt carried
 
 
 class ConsensusSummary(msgspec.Struct, kw_only=True):

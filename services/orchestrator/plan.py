@@ -14,6 +14,7 @@ class CloneTask:
     role: str  # "heavy" for deep analysis, "fast" for variations
     variation: str
     prompt: str
+    max_tokens: int = 96
 
 
 def context_block(hits: list[SearchHit]) -> str:
@@ -27,8 +28,11 @@ def plan_clones(mission: MissionRequest, hits: list[SearchHit]) -> list[CloneTas
     """Deep analysis on the heavy role, one fast clone per variation; with neither, one deep clone."""
     context = context_block(hits)
     tasks: list[CloneTask] = []
+    deep_budget = mission.deep_max_tokens or mission.max_tokens
     if mission.needs_deep_analysis or not mission.variations:
-        tasks.append(CloneTask("deep", "heavy", "", f"{context}{mission.prompt}\nThink it through and answer."))
+        tasks.append(CloneTask("deep", "heavy", "", f"{context}{mission.prompt}\nThink it through and answer.",
+                               deep_budget))
     for i, variation in enumerate(mission.variations):
-        tasks.append(CloneTask(f"var{i}", "fast", variation, f"{context}{mission.prompt}\nAnswer {variation}."))
+        asked = variation if mission.variations_mode == "prompt" else f"{mission.prompt}\nAnswer {variation}."
+        tasks.append(CloneTask(f"var{i}", "fast", variation, f"{context}{asked}", mission.max_tokens))
     return tasks

@@ -61,7 +61,8 @@ class Orchestrator:
             memory_ms = _ms(t0)
             t1 = time.perf_counter()
             tasks = plan_clones(mission, hits)
-            clones = await asyncio.gather(*(self._clone(task, mission, deadline) for task in tasks))
+            seen = [h.id for h in hits]
+            clones = await asyncio.gather(*(self._clone(task, mission, deadline, seen) for task in tasks))
             clones_ms = _ms(t1)
             if not any(c.ok for c in clones):
                 why = "every clone failed: " + "; ".join(f"{c.clone_id}: {c.error}" for c in clones)
@@ -92,9 +93,10 @@ class Orchestrator:
         reply = await bus.request(self.nc, "magi.memory.search", query, SearchReply, timeout=self._left(deadline))
         return reply.hits
 
-    async def _clone(self, task: CloneTask, mission: MissionRequest, deadline: float) -> CloneResult:
-        result = CloneResult(clone_id=task.clone_id, role=task.role, variation=task.variation)
-        request = GenerateRequest(role=task.role, prompt=task.prompt, max_tokens=mission.max_tokens, temperature=0.7,
+    async def _clone(self, task: CloneTask, mission: MissionRequest, deadline: float,
+                     context_ids: list[str]) -> CloneResult:
+        result = CloneResult(clone_id=task.clone_id, role=task.role, variation=task.variation, context_ids=context_ids)
+        request = GenerateRequest(role=task.role, prompt=task.prompt, max_tokens=task.max_tokens, temperature=0.7,
                                   timeout_s=self._left(deadline))
         t0 = time.perf_counter()
         try:

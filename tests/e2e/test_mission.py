@@ -30,11 +30,13 @@ async def test_seed_mission_end_to_end(nc, seeded, magi_stack):
     assert {c.role for c in reply.clones} == {"heavy", "fast"}
     assert all(c.model == "smollm2-135m" and c.node == "testnode" and c.replica for c in reply.clones)
     assert reply.context and all("schedul" in h.text.lower() or h.score > 0 for h in reply.context)
+    assert all(c.context_ids == [h.id for h in reply.context] for c in reply.clones)  # what each clone saw
     assert reply.consensus.answer in {c.text for c in reply.clones}
     assert reply.consensus.votes == 4 and 0.0 <= reply.consensus.agreement <= 1.0
 
     stored = await bus.request(nc, "magi.consensus.get", GetRequest(id=reply.consensus.id), ConsensusRecord, timeout=10)
     assert stored.answer == reply.consensus.answer and stored.mission_id == reply.mission_id
+    assert stored.similarity == "embedding"  # compared by meaning, with the embedding model
     assert sorted(v.clone_id for v in stored.votes) == sorted(c.clone_id for c in reply.clones)
 
     await _assert_trace_crosses_services(Path(magi_stack.home), reply.trace_id)

@@ -29,3 +29,20 @@ def test_memory_hits_are_given_to_every_clone():
     hit = SearchHit(id="1", text="Schedulers place work.", score=0.9, namespace="default")
     tasks = plan_clones(MissionRequest(prompt="Why?", needs_deep_analysis=True, variations=["x"]), [hit])
     assert all("Schedulers place work." in t.prompt for t in tasks)
+
+
+def test_deep_and_fast_clones_get_their_own_budgets():
+    mission = MissionRequest(prompt="Why?", needs_deep_analysis=True, variations=["briefly"], max_tokens=200,
+                             deep_max_tokens=2000)  # seed 000's figures
+    assert [(t.role, t.max_tokens) for t in plan_clones(mission, [])] == [("heavy", 2000), ("fast", 200)]
+    same = MissionRequest(prompt="Why?", needs_deep_analysis=True, max_tokens=64)
+    assert [t.max_tokens for t in plan_clones(same, [])] == [64]  # no deep budget given: max_tokens
+
+
+def test_variations_as_prompts_are_asked_as_they_are_with_the_shared_context():
+    hit = SearchHit(id="1", text="Melchior has 2 GPUs.", score=0.9, namespace="default")
+    mission = MissionRequest(prompt="GPU inventory", variations=["How many GPUs has Melchior?"],
+                             variations_mode="prompt")
+    [task] = plan_clones(mission, [hit])
+    assert task.prompt.endswith("How many GPUs has Melchior?") and "Melchior has 2 GPUs." in task.prompt
+    assert "Answer How many" not in task.prompt
