@@ -13,6 +13,7 @@ from pathlib import Path
 
 from benchmarks.bus import measure_auth_overhead, measure_hop
 from benchmarks.chaos import measure_chaos, measure_recovery
+from benchmarks.consensus import measure_decide
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.parallel import measure_parallel_speedup
@@ -30,13 +31,16 @@ def progress(message: str) -> None:
 
 
 async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
-    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",))
+    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(),
+                            services=("inference", "consensus"))
     state = await stack.up(cfg, progress)
     try:
         metrics: dict[str, float] = {}
         progress("bus round trips")
         metrics.update(await measure_hop(state.home, state.nats_url, hop_n))
         metrics.update(await measure_tokens_per_s(state.home, state.nats_url, rounds, progress))
+        progress("consensus decisions over 10 answers (embedding call included)")
+        metrics.update(await measure_decide(state.home, state.nats_url))
         return metrics
     finally:
         stack.down(home, progress)
