@@ -14,6 +14,7 @@ from pathlib import Path
 from benchmarks.bus import measure_auth_overhead, measure_hop
 from benchmarks.chaos import measure_chaos, measure_recovery
 from benchmarks.consensus import measure_decide
+from benchmarks.memory import measure_memory_recall
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.parallel import measure_parallel_speedup
@@ -32,7 +33,7 @@ def progress(message: str) -> None:
 
 async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
     cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(),
-                            services=("inference", "consensus"))
+                            services=("inference", "memory", "consensus"))
     state = await stack.up(cfg, progress)
     try:
         metrics: dict[str, float] = {}
@@ -41,6 +42,7 @@ async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
         metrics.update(await measure_tokens_per_s(state.home, state.nats_url, rounds, progress))
         progress("consensus decisions over 10 answers (embedding call included)")
         metrics.update(await measure_decide(state.home, state.nats_url))
+        metrics.update(await measure_memory_recall(state.home, state.nats_url, progress))
         return metrics
     finally:
         stack.down(home, progress)
