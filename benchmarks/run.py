@@ -14,9 +14,9 @@ from pathlib import Path
 from benchmarks.bus import measure_auth_overhead, measure_hop
 from benchmarks.chaos import measure_chaos, measure_recovery
 from benchmarks.consensus import measure_decide
-from benchmarks.memory import measure_memory_recall
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
+from benchmarks.memory import measure_memory_recall
 from benchmarks.parallel import measure_parallel_speedup
 from benchmarks.rpc import measure_rpc_ratio
 from benchmarks.sched import measure_placement
