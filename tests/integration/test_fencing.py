@@ -109,6 +109,15 @@ async def start_both(running: Running, settings: Settings, nc) -> None:
     await running.start("scheduler", scheduler_service, settings)
     await running.start("agent", agent_service, settings)
     await until(lambda: _answers(nc))
+    await until(lambda: _healthy(nc))  # placement needs the scheduler to have heard the agent first
+
+
+async def _healthy(nc) -> bool:
+    try:
+        reply = await bus.request(nc, "magi.sched.nodes", b"{}", NodesReply, timeout=2)
+    except Exception:  # no leader in office yet
+        return False
+    return any(n.name == NODE and n.status == "HEALTHY" for n in reply.nodes)
 
 
 async def _answers(nc) -> bool:
