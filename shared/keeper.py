@@ -48,7 +48,9 @@ class Keeper:
 
     def check(self) -> None:
         state = stack.read_state(self.cfg.home)
-        if state is None:
+        if state is None:  # the stack was taken down (or its home removed) without us: nothing left to keep
+            log.info("stack state gone; keeper exits", extra={"home": str(self.cfg.home)})
+            self.stopping = True
             return
         now, changed = time.monotonic(), False
         for comp in state.components:

@@ -33,6 +33,20 @@ def test_down_stops_every_process_and_port(tmp_path):
     assert not (tmp_path / "run" / "stack.json").exists()
 
 
+def test_the_keeper_leaves_when_its_stack_state_is_gone(tmp_path):
+    cfg = stack.StackConfig(home=tmp_path, nats_port=free_port(), redis_port=free_port(), services=())
+    state = asyncio.run(stack.up(cfg))
+    keeper = next(c.pid for c in state.components if c.name == "keeper")
+    try:
+        cfg.state_file.unlink()  # e.g. the home removed while the stack ran
+        deadline = time.monotonic() + 10
+        while pid_alive(keeper) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not pid_alive(keeper), "a keeper without a stack would keep orphans alive for ever"
+    finally:
+        stack.down_state(state)
+
+
 def test_up_refuses_a_second_stack_in_the_same_home(tmp_path):
     cfg = stack.StackConfig(home=tmp_path, nats_port=free_port(), redis_port=free_port(), services=())
     asyncio.run(stack.up(cfg))
