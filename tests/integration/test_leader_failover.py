@@ -15,6 +15,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
+from protos.node import NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
 from services.scheduler.lease import LEADER_KEY
 from services.scheduler.placements import EPOCH_KEY
@@ -127,6 +128,15 @@ async def test_the_epoch_is_repaired_from_heartbeats_after_redis_lost_it(cluster
         return int(await cluster.redis.get(EPOCH_KEY) or 0) >= seen
 
     await cluster.until(repaired, timeout=5)
+
+    async def heard_node_a() -> bool:  # the repair may come from node-b's heartbeat, before node-a's
+        try:
+            reply = await bus.request(cluster.nc, "magi.sched.nodes", b"{}", NodesReply, timeout=2)
+        except MagiError:
+            return False
+        return any(n.name == "node-a" and n.status == "HEALTHY" for n in reply.nodes)
+
+    await cluster.until(heard_node_a, timeout=10)
     # The agents accept what this leader assigns next (an epoch below theirs would have been ignored)...
     await cluster.place_on("fresh", "node-a")
     # ...and what ran before still runs, untouched.
