@@ -45,3 +45,62 @@ class GetRequest(msgspec.Struct, kw_only=True):
 
     id: Annotated[str, msgspec.Meta(max_length=200)] = ""
     mission_id: Annotated[str, msgspec.Meta(max_length=64)] = ""
+
+
+class HistoryRequest(msgspec.Struct, kw_only=True):
+    """`magi.consensus.history`: the mission graph, asked one of two ways (give exactly one).
+
+    - `prompt`: earlier missions whose prompts are like this one (by embedding; by words without an embedder).
+    - `node`: what the clones that ran on this node contributed, vote by vote, with a summary.
+    """
+
+    prompt: Annotated[str, msgspec.Meta(max_length=16384)] = ""
+    node: Annotated[str, msgspec.Meta(max_length=200)] = ""
+    # How many similar missions (by prompt), or the node's latest votes (by node), to list.
+    k: Annotated[int, msgspec.Meta(ge=1, le=200)] = 5
+
+
+class PastMission(msgspec.Struct, kw_only=True):
+    mission_id: str = ""
+    consensus_id: str = ""  # consensus:<key>, readable with magi.consensus.get
+    prompt: str = ""
+    answer: str = ""
+    strategy: str = ""
+    agreement: float = 0.0
+    created_at: str = ""
+    score: float = 0.0  # cosine of the prompts' embeddings, or word overlap (Jaccard) when `similarity` is "words"
+
+
+class Contribution(msgspec.Struct, kw_only=True):
+    """One vote a clone on the node cast in one mission."""
+
+    mission_id: str = ""
+    consensus_id: str = ""
+    clone_id: str = ""
+    role: str = ""
+    model: str = ""
+    latency_ms: float = 0.0
+    ok: bool = True
+    chosen: bool = False  # in the group the consensus chose from (a synthesis's inputs, else the winner's group)
+    cited: bool = False  # cited by the synthesized answer
+    text: str = ""  # the vote's answer, its first 300 characters
+    created_at: str = ""
+
+
+class NodeSummary(msgspec.Struct, kw_only=True):
+    """Every vote cast on the node (not only the listed ones)."""
+
+    votes: int = 0
+    ok: int = 0
+    chosen: int = 0
+    cited: int = 0
+    mean_latency_ms: float = 0.0
+
+
+class HistoryReply(msgspec.Struct, kw_only=True):
+    # By prompt: how prompts were compared, "embedding" or "words" (no embedding model answered); "" by node.
+    similarity: str = ""
+    similar: list[PastMission] = []  # best first
+    node: str = ""
+    contributions: list[Contribution] = []  # newest first
+    summary: NodeSummary = msgspec.field(default_factory=NodeSummary)

@@ -24,6 +24,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.memory.search": (memory.SearchRequest, memory.SearchReply),
     "magi.consensus.decide": (consensus.DecideRequest, consensus.ConsensusRecord),
     "magi.consensus.get": (consensus.GetRequest, consensus.ConsensusRecord),
+    "magi.consensus.history": (consensus.HistoryRequest, consensus.HistoryReply),
     "magi.sched.nodes": (common.Empty, node.NodesReply),
     "magi.sched.report": (common.Empty, node.ClusterReport),
     "magi.sched.place": (sched.PlaceRequest, sched.PlaceReply),

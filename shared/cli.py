@@ -284,6 +284,33 @@ def cmd_memory(args) -> int:
     return 0
 
 
+def cmd_history(args) -> int:
+    from protos.consensus import HistoryReply, HistoryRequest
+
+    prompt = " ".join(args.prompt or [])
+    request = HistoryRequest(prompt=prompt, node=args.node or "", k=args.k)
+    reply = asyncio.run(_call("magi.consensus.history", request, HistoryReply, 30))
+    if _emit(reply, args.json):
+        return 0
+    if reply.node:
+        s = reply.summary
+        print(f"node {reply.node}: {s.votes} votes, {s.ok} ok, {s.chosen} chosen from, {s.cited} cited, "
+              f"mean {s.mean_latency_ms:.0f} ms")
+        if reply.contributions:
+            rows = [[c.mission_id or "-", c.clone_id, c.role or "-", c.model or "-", f"{c.latency_ms:.0f}",
+                     "ok" if c.ok else "failed", "cited" if c.cited else "chosen" if c.chosen else "-",
+                     " ".join(c.text.split())[:60]] for c in reply.contributions]
+            print()
+            print(render(["mission", "clone", "role", "model", "ms", "result", "used", "answer"], rows))
+        return 0
+    print(f"missions like {prompt!r} (by {reply.similarity}):")
+    if reply.similar:
+        rows = [[f"{m.score:.3f}", m.mission_id or "-", m.strategy, f"{m.agreement:.2f}", m.prompt[:50],
+                 " ".join(m.answer.split())[:60]] for m in reply.similar]
+        print(render(["score", "mission", "strategy", "agreement", "prompt", "answer"], rows))
+    return 0
+
+
 def cmd_validate_config(args) -> int:
     import yaml
 
@@ -454,6 +481,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("text", nargs="+")
     p.add_argument("--namespace", default="default")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--json", action="store_true")
+    p = add("history", cmd_history, "the mission graph: earlier missions like PROMPT, or --node NAME's clones' votes")
+    p.add_argument("prompt", nargs="*", help="find earlier missions whose prompts mean much the same")
+    p.add_argument("--node", default="", help="what the clones that ran on this node contributed")
+    p.add_argument("-k", type=int, default=5, help="missions (by prompt) or latest votes (by node) to list")
     p.add_argument("--json", action="store_true")
     p = add("cluster", cmd_cluster_init, "cluster material: `magi cluster init DIR --config CLUSTER.yaml`")
     p.add_argument("action", choices=["init"])

@@ -1,4 +1,4 @@
-"""`magi.consensus.decide` / `magi.consensus.get`."""
+"""`magi.consensus.decide` / `magi.consensus.get` / `magi.consensus.history`."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import logging
 
 import numpy as np
 
-from protos.consensus import ConsensusRecord, DecideRequest, GetRequest, Vote
+from protos.consensus import ConsensusRecord, DecideRequest, GetRequest, HistoryReply, HistoryRequest, Vote
 from protos.infer import EmbedReply, EmbedRequest
+from services.consensus.history import MissionHistory
 from services.consensus.store import ConsensusStore
 from services.consensus.strategies import decide
 from shared import bus
@@ -28,6 +29,7 @@ class ConsensusEndpoints:
         self.store = store
         self.nc = nc
         self.embedder = bus.Outage("the embedding model (magi.infer.embed); deciding by words", log)
+        self.missions = MissionHistory(store, self.embed)
 
     async def vectors(self, votes: list[Vote]) -> np.ndarray | None:
         """One `magi.infer.embed` call for every vote; None (similarity by words) when no embedder answers."""
@@ -62,6 +64,11 @@ class ConsensusEndpoints:
         record.copies = len(ids)
         return record
 
+    async def history(self, req: HistoryRequest, ctx: RequestContext) -> HistoryReply:
+        """The mission graph: earlier missions like a prompt, or what a node's clones contributed."""
+        return await self.missions.answer(req)
+
+
 
 async def build(settings: Settings):
     store = await ConsensusStore.open(settings)
@@ -70,4 +77,5 @@ async def build(settings: Settings):
     endpoints = ConsensusEndpoints(store, nc)
     service.endpoint("magi.consensus.decide", DecideRequest, endpoints.decide)
     service.endpoint("magi.consensus.get", GetRequest, endpoints.get)
+    service.endpoint("magi.consensus.history", HistoryRequest, endpoints.history)
     return service, store.close
