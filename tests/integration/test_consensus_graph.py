@@ -9,7 +9,7 @@ from protos.consensus import ConsensusRecord, DecideRequest, GetRequest, History
 from services.consensus.history import rank_by_words
 from services.consensus.store import ConsensusStore, record_key
 from services.consensus.strategies import Decision
-from shared import bus
+from shared import bus, stack
 from shared.errors import BadRequest
 
 pytestmark = pytest.mark.integration
@@ -205,3 +205,13 @@ async def test_similar_missions_rank_by_cosine_and_skip_other_dimensions(store):
     assert [m.mission_id for m in found] == ["near", "far"]
     assert found[0].score == pytest.approx(0.995, abs=1e-3) and found[1].score == pytest.approx(0.0, abs=1e-6)
     assert [m.mission_id for m in await store.similar_missions([1.0, 0.0, 0.0], 1)] == ["near"]
+
+
+async def test_a_client_may_ask_for_history(nats_url, stack_home, decided):
+    # Needs `magi.consensus.history` in the client role's publish permissions (shared/roles.py).
+    client = await stack.connect_as(stack_home, nats_url, "client")
+    try:
+        reply = await history(client, node=PI, k=50)
+    finally:
+        await client.close()
+    assert {c.clone_id for c in reply.contributions} == {"b", "d", "g"}
