@@ -1,5 +1,7 @@
-"""`consensus.decide_ms`: one decision over 10 clone answers, the embedding call and the SurrealDB write
-included, as a mission's last step pays it; and the embedding call alone, to show where the time goes."""
+"""`consensus.decide_ms`: one decision over 10 clone answers, the embedding call (answers and prompt) and the
+SurrealDB write (record, votes and mission graph) included, as a mission's last step pays it with a
+strategy that picks (`medoid`); and the embedding call alone, to show where the time goes. `synthesize`
+adds one heavy-model generation on top, measured apart (`consensus.synthesize_ms.p50`)."""
 
 from __future__ import annotations
 
@@ -23,6 +25,10 @@ ANSWERS = [
 ]
 
 
+SYNTH_ROUNDS = 8
+PROMPT = "How does the scheduler choose a node for an instance?"
+
+
 def _percentile(samples: list[float], q: float) -> float:
     ordered = sorted(samples)
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
@@ -35,17 +41,33 @@ async def measure_decide(home, nats_url: str, rounds: int = 100) -> dict[str, fl
     try:
         for i in range(rounds + 5):  # the first few warm the replica and the store
             t0 = time.perf_counter()
-            record = await bus.request(nc, "magi.consensus.decide", DecideRequest(votes=votes, strategy="medoid"),
-                                       ConsensusRecord, timeout=30)
+            request = DecideRequest(votes=votes, strategy="medoid", prompt=PROMPT, mission_id=f"bench-decide-{i}")
+            record = await bus.request(nc, "magi.consensus.decide", request, ConsensusRecord, timeout=30)
             t1 = time.perf_counter()
             await bus.request(nc, "magi.infer.embed", EmbedRequest(texts=ANSWERS), EmbedReply, timeout=30)
             t2 = time.perf_counter()
             if i >= 5:
                 decide.append((t1 - t0) * 1000)
                 embed.append((t2 - t1) * 1000)
+        synthesized = await _synthesize(nc, votes)
     finally:
         await nc.close()
     assert record.similarity == "embedding", "the consensus service decided without the embedding model"
-    return {"consensus.decide_ms.p50": round(_percentile(decide, 0.5), 2),
+    return {**synthesized, "consensus.decide_ms.p50": round(_percentile(decide, 0.5), 2),
             "consensus.decide_ms.p99": round(_percentile(decide, 0.99), 2),
             "consensus.embed10_ms.p50": round(_percentile(embed, 0.5), 2)}
+
+
+async def _synthesize(nc, votes: list[Vote], rounds: int = SYNTH_ROUNDS) -> dict[str, float]:
+    """`synthesize` end to end: grouping, one heavy-model generation (96 tokens at most), attribution, store."""
+    took, cited = [], []
+    for i in range(rounds):
+        request = DecideRequest(votes=votes, strategy="synthesize", prompt=PROMPT, mission_id=f"bench-synth-{i}",
+                                max_tokens=96)
+        t0 = time.perf_counter()
+        record = await bus.request(nc, "magi.consensus.decide", request, ConsensusRecord, timeout=120)
+        took.append((time.perf_counter() - t0) * 1000)
+        assert record.synthesis and not record.synthesis.fallback, record.synthesis
+        cited.append(len(record.synthesis.cited) / len(record.synthesis.inputs))
+    return {"consensus.synthesize_ms.p50": round(_percentile(took, 0.5), 2),
+            "consensus.synthesize.cited_share": round(sum(cited) / len(cited), 3)}

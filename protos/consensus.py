@@ -4,7 +4,8 @@ from typing import Annotated, Literal
 
 import msgspec
 
-Strategy = Literal["medoid", "majority", "longest"]
+# synthesize: the heavy model writes one answer from the winning group's answers, citing clone ids.
+Strategy = Literal["synthesize", "medoid", "majority", "longest"]
 
 
 class Vote(msgspec.Struct, kw_only=True):
@@ -14,6 +15,7 @@ class Vote(msgspec.Struct, kw_only=True):
     model: str = ""
     node: str = ""
     ok: bool = True
+    latency_ms: float = 0.0  # how long the clone took (the mission graph keeps it per vote)
 
 
 class DecideRequest(msgspec.Struct, kw_only=True):
@@ -22,6 +24,30 @@ class DecideRequest(msgspec.Struct, kw_only=True):
     votes: Annotated[list[Vote], msgspec.Meta(min_length=1, max_length=512)]
     strategy: Strategy = "medoid"
     mission_id: str = ""
+    # The question the votes answer: `synthesize` writes its answer to it, and the mission graph keeps it so
+    # `magi.consensus.history` can find earlier missions like a new prompt.
+    prompt: Annotated[str, msgspec.Meta(max_length=16384)] = ""
+    # The synthesized answer's budget (`synthesize` only); 0: the service's default.
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    # How long the caller will wait, in seconds (a mission passes what is left of its deadline); 0: the
+    # service's default. `synthesize` falls back to the medoid rather than answer after the caller gave up.
+    timeout_s: Annotated[float, msgspec.Meta(ge=0, le=3600)] = 0.0
+
+
+class Synthesis(msgspec.Struct, kw_only=True):
+    """How a `synthesize` answer was made: from which votes, by which model, citing which clones."""
+
+    inputs: list[str]  # the clone ids whose answers the model was given (the winning group)
+    cited: list[str] = []  # the clone ids the written answer cites, each one of `inputs`
+    model: str = ""
+    node: str = ""
+    latency_ms: float = 0.0
+    # How `cited` was found: "model" (the model named the ids), "attributed" (each sentence of the answer
+    # credited to the input it is closest to in meaning, when the model named none), or "" (fallback).
+    citation: str = ""
+    # Why the answer is not a synthesis after all (empty when it is): e.g. no heavy model answered; the
+    # record's answer is then the group's medoid.
+    fallback: str = ""
 
 
 class ConsensusRecord(msgspec.Struct, kw_only=True):
@@ -38,6 +64,8 @@ class ConsensusRecord(msgspec.Struct, kw_only=True):
     # How answers were compared: "embedding" (by meaning, the embedding model's vectors) or "words" (token
     # overlap: the fallback when no embedding model answered).
     similarity: str = "words"
+    prompt: str = ""
+    synthesis: Synthesis | None = None  # set when the answer was written by `synthesize`
 
 
 class GetRequest(msgspec.Struct, kw_only=True):

@@ -24,10 +24,13 @@ class MissionRequest(msgspec.Struct, kw_only=True):
     variations: Annotated[list[str], msgspec.Meta(max_length=32)] = []
     context_needed: bool = False
     embedding: list[float] | None = None
-    consensus: Strategy = "medoid"
+    # synthesize: the heavy model merges the agreeing answers into one, citing clone ids (see the README).
+    consensus: Strategy = "synthesize"
     deadline_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0
-    max_tokens: Annotated[int, msgspec.Meta(ge=1, le=2048)] = 96
-    # The deep clone's own budget (seed 000: 2000 for deep analysis, 200 for variations); 0: `max_tokens`.
+    # Each clone's budget. 0: the role's default, seed 000's (2000 tokens for deep analysis, 200 for a
+    # variation) scaled down to the serving model's context window (512 and 128 for a 2048-token model).
+    max_tokens: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
+    # The deep clone's own budget; 0: `max_tokens` when given, else the heavy role's default.
     deep_max_tokens: Annotated[int, msgspec.Meta(ge=0, le=4096)] = 0
     # "style": each variation shapes the answer to `prompt` ("Answer in one line."); "prompt": each variation
     # is a question of its own, asked with the same memory context.
@@ -79,6 +82,8 @@ class ConsensusSummary(msgspec.Struct, kw_only=True):
     agreement: float
     votes: int
     winner: str = ""
+    similarity: str = ""  # "embedding" or "words": how answers were compared (see ConsensusRecord)
+    cited: list[str] = []  # `synthesize`: the clone ids the written answer cites
 
 
 class Timings(msgspec.Struct, kw_only=True):

@@ -199,9 +199,11 @@ def cmd_models(args) -> int:
 def print_mission(reply) -> None:
     print(f"mission {reply.mission_id}   trace {reply.trace_id}")
     print()
-    print(f"consensus ({reply.consensus.strategy}, agreement {reply.consensus.agreement:.2f}, "
-          f"{reply.consensus.votes} votes, winner {reply.consensus.winner}):")
-    print(textwrap.indent(textwrap.fill(reply.consensus.answer, 100), "  "))
+    c = reply.consensus
+    made = f"cites {', '.join(c.cited)}" if c.cited else f"winner {c.winner}"
+    print(f"consensus ({c.strategy}, agreement {c.agreement:.2f} by {c.similarity or 'words'}, {c.votes} votes, "
+          f"{made}):")
+    print(textwrap.indent(textwrap.fill(c.answer, 100), "  "))
     print(f"stored as {reply.consensus.id}")
     if reply.context:
         print()
@@ -223,6 +225,7 @@ def cmd_mission(args) -> int:
     mission_id = args.id or uuid.uuid4().hex
     request = MissionRequest(prompt=args.prompt, needs_deep_analysis=args.deep, variations=args.variation or [],
                              context_needed=args.context, consensus=args.strategy, max_tokens=args.max_tokens,
+                             deep_max_tokens=args.deep_max_tokens,
                              deadline_s=args.deadline, mission_id=mission_id)
     try:
         reply = asyncio.run(_mission_with_progress(request, args.deadline + 20))
@@ -463,8 +466,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep", action="store_true", help="add a deep-analysis clone")
     p.add_argument("--variation", "-v", action="append", help="one fast clone per variation")
     p.add_argument("--context", action="store_true", help="search memory for context first")
-    p.add_argument("--strategy", default="medoid", choices=["medoid", "majority", "longest"])
-    p.add_argument("--max-tokens", type=int, default=96)
+    p.add_argument("--strategy", default="synthesize", choices=["synthesize", "medoid", "majority", "longest"])
+    p.add_argument("--max-tokens", type=int, default=0,
+                   help="each clone's budget (default: per role, seed 000's scaled to the model)")
+    p.add_argument("--deep-max-tokens", type=int, default=0, help="the deep clone's own budget")
     p.add_argument("--deadline", type=float, default=120.0)
     p.add_argument("--id", default="", help="name the mission (an idempotency key: the same id never runs twice)")
     p.add_argument("--json", action="store_true")

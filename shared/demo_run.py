@@ -26,6 +26,17 @@ async def _mission(settings: Settings, progress) -> tuple[MissionReply, Consensu
         await nc.close()
 
 
+def describe_synthesis(record: ConsensusRecord) -> str:
+    s = record.synthesis
+    if s is None:
+        return f"answer chosen by {record.strategy} (winner {record.winner}), no synthesis"
+    if s.fallback:
+        return f"not synthesized ({s.fallback}): the medoid {record.winner} of {', '.join(s.inputs)} is the answer"
+    how = "named by the model" if s.citation == "model" else "attributed sentence by sentence by meaning"
+    return (f"synthesized by {s.model} on {s.node} in {s.latency_ms:.0f} ms from {', '.join(s.inputs)}; "
+            f"cites {', '.join(s.cited) or 'none'} ({how})")
+
+
 def _running(settings: Settings) -> bool:
     return any(alive for _name, _pid, alive, _restarts in stack.status(settings.home_path))
 
@@ -41,6 +52,7 @@ def run_demo(settings: Settings, *, keep: bool, progress) -> int:
         reply, record = asyncio.run(_mission(settings, progress))
         print_mission(reply)
         print(f"\nread back from SurrealDB: {record.id} with {len(record.votes)} votes, created {record.created_at}")
+        print(describe_synthesis(record))
     finally:
         if started_here and not keep:
             stack.down(settings.home_path, progress)

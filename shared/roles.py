@@ -34,8 +34,9 @@ _NEVER = ["$SYS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>", "magi.node.>"]
 _INFERENCE_DENY = [*_NEVER, "$JS.>", "magi.sched.assignments.>", "magi.sched.drain", "magi.sched.release",
                    "magi.mission.>", "magi.memory.>", "magi.infer.>", "magi.consensus.>"]
 # The orchestrator pings `$SRV.PING` (two tokens) to notice restarts; it still never answers as a service.
-_ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "magi.sched.>", "magi.mission.run", "magi.mission.get", "magi.memory.upsert",
-                      "magi.infer.cancel", "magi.infer.embed", "magi.infer.models", "magi.consensus.get",
+_ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "magi.sched.>", "magi.mission.run",
+                      "magi.mission.get", "magi.memory.delete", "magi.infer.cancel", "magi.infer.embed", "magi.consensus.get",
+                      "magi.consensus.history",
                       "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>", "$JS.API.STREAM.MSG.DELETE.>",
                       "$JS.API.CONSUMER.DELETE.>", "$JS.API.ACCOUNT.>", "$JS.API.META.>", "$JS.API.SERVER.>"]
 
@@ -116,26 +117,29 @@ def _role_table() -> dict[str, Permissions]:
             sub_allow=_service("magi-memory", ["magi.memory.>"], "memory"),
             summary="serves `magi.memory.>`, asks `magi.infer.embed`"),
         "consensus": Permissions(
-            pub_allow=["magi.infer.embed"],
+            pub_allow=["magi.infer.embed", "magi.infer.generate"],
             sub_allow=_service("magi-consensus", ["magi.consensus.>"], "consensus"),
-            summary="serves `magi.consensus.>`, asks `magi.infer.embed` (to compare answers by meaning)"),
+            summary="serves `magi.consensus.>`, asks `magi.infer.embed` (to compare answers by meaning) and "
+                    "`magi.infer.generate` (the heavy model writes `synthesize` answers)"),
         "orchestrator": Permissions(
             pub_allow=[">"], pub_deny=_ORCHESTRATOR_DENY,
             sub_allow=_service("magi-orchestrator", ["magi.mission.run", "magi.mission.get", "magi.mission.result.>",
                                                      f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SUBMIT_STREAM}.>"],
                                "orchestrator"),
             summary="serves `magi.mission.run` and `.get`, queues and consumes `magi.mission.submit`, asks memory, "
-                    "inference and consensus, stores results, publishes progress (never `$SYS`, `_MAGI.` or control "
-                    "subjects; cannot delete or purge streams)"),
+                    "inference and consensus, remembers answers in memory, stores results, publishes progress "
+                    "(never `$SYS`, `_MAGI.` or control subjects; cannot delete or purge streams)"),
         "client": Permissions(
             pub_allow=["magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.generate", "magi.infer.cancel",
                        "magi.infer.models", "magi.infer.embed", "magi.memory.search", "magi.memory.upsert",
-                       "magi.consensus.get", "magi.sched.nodes", "magi.sched.report", "magi.node.*.info",
+                       "magi.memory.list", "magi.memory.delete", "magi.consensus.get", "magi.consensus.history",
+                       "magi.sched.nodes", "magi.sched.report", "magi.node.*.info",
                        "$SRV.>", *_results_reader()],
             sub_allow=[">"], sub_deny=["magi.>", "$SYS.>", "$JS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>"],
             allow_responses=False,
-            summary="missions, generate/cancel/models/embed, memory search/upsert, consensus get, read-only status "
-                    "(nodes, report, node info, `$SRV` discovery), mission results; may not serve any `magi.` subject"),
+            summary="missions, generate/cancel/models/embed, memory search/upsert/list/delete, consensus get/history, "
+                    "read-only status (nodes, report, node info, `$SRV` discovery), mission results; may not serve "
+                    "any `magi.` subject"),
         "admin": Permissions(
             pub_allow=[">"], pub_deny=["magi.node.*.heartbeat", "magi.node.*.logs.>"],
             sub_allow=[">"], sub_deny=_SERVED,

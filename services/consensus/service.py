@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
+import time
 
 import numpy as np
 
@@ -12,16 +14,19 @@ from protos.infer import EmbedReply, EmbedRequest
 from services.consensus.history import MissionHistory
 from services.consensus.store import ConsensusStore
 from services.consensus.strategies import decide
+from services.consensus.synthesis import DEFAULT_TIMEOUT_S as SYNTHESIS_TIMEOUT_S
+from services.consensus.synthesis import Synthesizer
 from shared import bus
 from shared.config import Settings
 from shared.errors import BadRequest, MagiError, NotFound
 from shared.service import MagiService, RequestContext
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
 log = logging.getLogger("magi.consensus")
 
 
 EMBED_TIMEOUT_S = 10.0
+STORE_MARGIN_S = 1.0  # of the caller's time kept for storing the record and replying
 
 
 class ConsensusEndpoints:
@@ -29,27 +34,44 @@ class ConsensusEndpoints:
         self.store = store
         self.nc = nc
         self.embedder = bus.Outage("the embedding model (magi.infer.embed); deciding by words", log)
+        self.synthesizer = Synthesizer(nc, self.embed)
         self.missions = MissionHistory(store, self.embed)
 
-    async def vectors(self, votes: list[Vote]) -> np.ndarray | None:
-        """One `magi.infer.embed` call for every vote; None (similarity by words) when no embedder answers."""
+    async def embed(self, texts: list[str]) -> np.ndarray | None:
+        """One `magi.infer.embed` call; None (similarity by words) when no embedder answers."""
         if self.nc is None:
             return None
-        texts = [v.text if v.text.strip() else " " for v in votes]
         try:
-            reply = await bus.request(self.nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply,
-                                      timeout=EMBED_TIMEOUT_S)
+            request = EmbedRequest(texts=[t if t.strip() else " " for t in texts])
+            reply = await bus.request(self.nc, "magi.infer.embed", request, EmbedReply, timeout=EMBED_TIMEOUT_S)
         except MagiError as exc:
             self.embedder.failed(exc)
             return None
         self.embedder.ended()
         return np.array(reply.vectors, dtype=np.float32)
 
+    async def vectors(self, votes: list[Vote], prompt: str = "") -> tuple[np.ndarray | None, list[float] | None]:
+        """The votes' vectors and the prompt's (for the mission graph), from one embed call."""
+        vectors = await self.embed([v.text for v in votes] + ([prompt] if prompt else []))
+        if vectors is None or not prompt:
+            return vectors, None
+        return vectors[:-1], vectors[-1].tolist()
+
     async def decide(self, req: DecideRequest, ctx: RequestContext) -> ConsensusRecord:
-        vectors = await self.vectors(req.votes)
+        started = time.monotonic()
+        vectors, prompt_vector = await self.vectors(req.votes, req.prompt)
+        # `synthesize` groups like `medoid`; the medoid is its answer whenever the heavy model cannot write one.
+        base = "medoid" if req.strategy == "synthesize" else req.strategy
         # Off the event loop: grouping is O(n²) in the votes (up to 512).
-        decision = await asyncio.to_thread(decide, req.votes, req.strategy, vectors)
-        record_id = await self.store.save(decision, req.votes, req.strategy, req.mission_id)
+        decision = await asyncio.to_thread(decide, req.votes, base, vectors)
+        synthesis = None
+        if req.strategy == "synthesize":
+            budget = (req.timeout_s or SYNTHESIS_TIMEOUT_S) - (time.monotonic() - started) - STORE_MARGIN_S
+            written = await self.synthesizer.write(req.prompt, decision, req.votes, vectors, req.max_tokens,
+                                                   max(budget, 0.5))
+            decision, synthesis = dataclasses.replace(decision, answer=written.text), written.synthesis
+        record_id = await self.store.save(decision, req.votes, req.strategy, req.mission_id, prompt=req.prompt,
+                                          prompt_vector=prompt_vector, synthesis=synthesis)
         return await self.store.get(record_id)  # what was stored, read back
 
     async def get(self, req: GetRequest, ctx: RequestContext) -> ConsensusRecord:
@@ -67,7 +89,6 @@ class ConsensusEndpoints:
     async def history(self, req: HistoryRequest, ctx: RequestContext) -> HistoryReply:
         """The mission graph: earlier missions like a prompt, or what a node's clones contributed."""
         return await self.missions.answer(req)
-
 
 
 async def build(settings: Settings):

@@ -24,15 +24,20 @@ def context_block(hits: list[SearchHit]) -> str:
     return f"Relevant notes:\n{lines}\n\n"
 
 
-def plan_clones(mission: MissionRequest, hits: list[SearchHit]) -> list[CloneTask]:
+DEFAULT_BUDGETS = {"heavy": 512, "fast": 128}  # services.orchestrator.budgets for a 2048-token model
+
+
+def plan_clones(mission: MissionRequest, hits: list[SearchHit],
+                budgets: dict[str, int] = DEFAULT_BUDGETS) -> list[CloneTask]:
     """Deep analysis on the heavy role, one fast clone per variation; with neither, one deep clone."""
     context = context_block(hits)
     tasks: list[CloneTask] = []
-    deep_budget = mission.deep_max_tokens or mission.max_tokens
+    deep_budget = mission.deep_max_tokens or mission.max_tokens or budgets["heavy"]
+    fast_budget = mission.max_tokens or budgets["fast"]
     if mission.needs_deep_analysis or not mission.variations:
         tasks.append(CloneTask("deep", "heavy", "", f"{context}{mission.prompt}\nThink it through and answer.",
                                deep_budget))
     for i, variation in enumerate(mission.variations):
         asked = variation if mission.variations_mode == "prompt" else f"{mission.prompt}\nAnswer {variation}."
-        tasks.append(CloneTask(f"var{i}", "fast", variation, f"{context}{asked}", mission.max_tokens))
+        tasks.append(CloneTask(f"var{i}", "fast", variation, f"{context}{asked}", fast_budget))
     return tasks

@@ -16,8 +16,9 @@ from nats.aio.client import Client
 
 from protos.consensus import ConsensusRecord, DecideRequest, Vote
 from protos.infer import GenerateReply, GenerateRequest
-from protos.memory import SearchHit, SearchReply, SearchRequest
+from protos.memory import MemoryDoc, SearchHit, SearchReply, SearchRequest, UpsertReply, UpsertRequest
 from protos.mission import CloneResult, ConsensusSummary, MissionGet, MissionReply, MissionRequest, Timings
+from services.orchestrator.budgets import Budgets
 from services.orchestrator.desk import MissionDesk
 from services.orchestrator.plan import CloneTask, plan_clones
 from services.orchestrator.queue import MissionQueue
@@ -29,7 +30,10 @@ from shared.roles import check_output_subject
 from shared.service import MagiService, RequestContext
 from shared.telemetry import current_trace_id, tracer
 
-VERSION = "0.2.0"
+VERSION = "0.3.0"
+MISSIONS_NAMESPACE = "missions"  # every mission's consensus answer is remembered here
+REMEMBER_TIMEOUT_S = 15.0
+MEMORY_TEXT_MAX = 32768  # protos.memory.MemoryDoc.text's limit
 log = logging.getLogger("magi.orchestrator")
 _encoder = msgspec.json.Encoder()
 
@@ -41,6 +45,8 @@ def _ms(since: float) -> float:
 class Orchestrator:
     def __init__(self, nc: Client) -> None:
         self.nc = nc
+        self.budgets = Budgets(nc)
+        self.remembering = bus.Outage("memory (remembering mission answers)", log)
 
     async def run(self, mission: MissionRequest, ctx: RequestContext, mission_id: str = "") -> MissionReply:
         why = check_output_subject(mission.progress_subject) if mission.progress_subject else None
@@ -60,7 +66,7 @@ class Orchestrator:
             hits = await self._context(mission, deadline) if mission.context_needed else []
             memory_ms = _ms(t0)
             t1 = time.perf_counter()
-            tasks = plan_clones(mission, hits)
+            tasks = plan_clones(mission, hits, await self.budgets.get())
             seen = [h.id for h in hits]
             clones = await asyncio.gather(*(self._clone(task, mission, deadline, seen) for task in tasks))
             clones_ms = _ms(t1)
@@ -71,11 +77,13 @@ class Orchestrator:
                 raise Unavailable(why) if transient else Unprocessable(why)
             t2 = time.perf_counter()
             record = await self._decide(mission, mission_id, clones, deadline)
+            await self._remember(mission, mission_id, record, deadline)
             return MissionReply(
                 mission_id=mission_id,
                 consensus=ConsensusSummary(
                     id=record.id, answer=record.answer, strategy=record.strategy,
                     agreement=record.agreement, votes=len(record.votes), winner=record.winner,
+                    similarity=record.similarity, cited=record.synthesis.cited if record.synthesis else [],
                 ),
                 clones=list(clones),
                 context=hits,
@@ -116,10 +124,29 @@ class Orchestrator:
         return result
 
     async def _decide(self, mission: MissionRequest, mission_id: str, clones, deadline: float) -> ConsensusRecord:
-        votes = [Vote(clone_id=c.clone_id, text=c.text, role=c.role, model=c.model, node=c.node, ok=c.ok) for c in clones]
-        request = DecideRequest(votes=votes, strategy=mission.consensus, mission_id=mission_id)
-        return await bus.request(self.nc, "magi.consensus.decide", request, ConsensusRecord, timeout=self._left(deadline))
+        votes = [Vote(clone_id=c.clone_id, text=c.text, role=c.role, model=c.model, node=c.node, ok=c.ok,
+                      latency_ms=c.latency_ms) for c in clones]
+        left = self._left(deadline)
+        request = DecideRequest(votes=votes, strategy=mission.consensus, mission_id=mission_id, prompt=mission.prompt,
+                                timeout_s=round(min(left, 3600.0), 3))
+        return await bus.request(self.nc, "magi.consensus.decide", request, ConsensusRecord, timeout=left)
 
+    async def _remember(self, mission: MissionRequest, mission_id: str, record: ConsensusRecord,
+                        deadline: float) -> None:
+        """The answer goes into memory (namespace `missions`) so later missions can recall it. Best effort: the
+        mission's result is already decided and stored, so a memory outage is logged, never fails the mission."""
+        doc = MemoryDoc(id=f"mission-{mission_id}", namespace=MISSIONS_NAMESPACE,
+                        text=f"Q: {mission.prompt}\nA: {record.answer}"[:MEMORY_TEXT_MAX],
+                        metadata={"mission_id": mission_id, "prompt": mission.prompt, "consensus_id": record.id,
+                                  "strategy": record.strategy, "agreement": record.agreement,
+                                  "clone_ids": [v.clone_id for v in record.votes]})
+        try:
+            await bus.request(self.nc, "magi.memory.upsert", UpsertRequest(documents=[doc]), UpsertReply,
+                              timeout=min(REMEMBER_TIMEOUT_S, self._left(deadline)))
+        except MagiError as exc:
+            self.remembering.failed(exc)
+        else:
+            self.remembering.ended()
 
 async def build(settings: Settings):
     service = MagiService("magi-orchestrator", VERSION, "Shadow-clone missions: fan out, merge", settings)

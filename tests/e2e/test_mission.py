@@ -11,7 +11,7 @@ import msgspec
 import pytest
 
 from protos.consensus import ConsensusRecord, GetRequest
-from protos.memory import UpsertReply, UpsertRequest
+from protos.memory import SearchReply, SearchRequest, UpsertReply, UpsertRequest
 from protos.mission import MissionReply, MissionRequest
 from shared import bus, demo
 
@@ -31,13 +31,24 @@ async def test_seed_mission_end_to_end(nc, seeded, magi_stack):
     assert all(c.model == "smollm2-135m" and c.node == "testnode" and c.replica for c in reply.clones)
     assert reply.context and all("schedul" in h.text.lower() or h.score > 0 for h in reply.context)
     assert all(c.context_ids == [h.id for h in reply.context] for c in reply.clones)  # what each clone saw
-    assert reply.consensus.answer in {c.text for c in reply.clones}
     assert reply.consensus.votes == 4 and 0.0 <= reply.consensus.agreement <= 1.0
+    assert reply.consensus.strategy == "synthesize"  # the default: the heavy model writes the answer
 
     stored = await bus.request(nc, "magi.consensus.get", GetRequest(id=reply.consensus.id), ConsensusRecord, timeout=10)
     assert stored.answer == reply.consensus.answer and stored.mission_id == reply.mission_id
     assert stored.similarity == "embedding"  # compared by meaning, with the embedding model
     assert sorted(v.clone_id for v in stored.votes) == sorted(c.clone_id for c in reply.clones)
+    assert stored.prompt == mission.prompt and all(v.latency_ms > 0 for v in stored.votes)
+    synthesis = stored.synthesis
+    assert synthesis is not None and synthesis.fallback == "" and synthesis.model == "smollm2-135m", synthesis
+    assert len(synthesis.inputs) >= 2 and set(synthesis.cited) <= set(synthesis.inputs)
+    assert reply.consensus.cited == synthesis.cited
+
+    remembered = await bus.request(nc, "magi.memory.search", SearchRequest(text=mission.prompt, namespace="missions"),
+                                   SearchReply, timeout=30)  # later missions can recall this conclusion
+    mine = [h for h in remembered.hits if h.metadata.get("mission_id") == reply.mission_id]
+    assert mine and mine[0].metadata["clone_ids"] == [c.clone_id for c in reply.clones]
+    assert stored.answer in mine[0].text and mine[0].metadata["prompt"] == mission.prompt
 
     await _assert_trace_crosses_services(Path(magi_stack.home), reply.trace_id)
 
@@ -95,7 +106,8 @@ def test_cli_demo_uses_the_running_stack(magi_stack):
     magi = [sys.executable, "-m", "shared.cli"]
     out = subprocess.run([*magi, "demo"], env=env, capture_output=True, text=True, timeout=200)
     assert out.returncode == 0, out.stderr
-    assert "consensus (medoid" in out.stdout and "read back from SurrealDB: consensus:" in out.stdout
+    assert "consensus (synthesize" in out.stdout and "read back from SurrealDB: consensus:" in out.stdout
+    assert "synthesized by smollm2-135m" in out.stdout and "cites " in out.stdout
     for column in ("clone", "role", "model", "node", "replica", "ms"):
         assert column in out.stdout
     status = subprocess.run([*magi, "status"], env=env, capture_output=True, text=True, timeout=30)

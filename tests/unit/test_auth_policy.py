@@ -58,7 +58,7 @@ def test_clients_and_services_with_free_outputs_never_reach_control_subjects():
 def test_a_role_with_nothing_to_publish_gets_an_explicit_deny():
     # An empty allow list would mean "everything" to nats-server.
     assert roles.Permissions(sub_allow=["magi.x.>"]).nats_block()["publish"] == {"deny": [">"]}
-    assert roles.permissions("consensus").nats_block()["publish"] == {"allow": ["magi.infer.embed"]}
+    assert roles.permissions("consensus").nats_block()["publish"] == {"allow": ["magi.infer.embed", "magi.infer.generate"]}
 
 
 @pytest.mark.parametrize("subject,ok", [("test.tokens.one", True), ("_INBOX.abc.1", True), ("magi.sched.place", False),

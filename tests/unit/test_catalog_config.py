@@ -60,3 +60,14 @@ def test_vllm_models_need_a_local_folder(tmp_path):
     with pytest.raises(NotFound) as err:
         resolve_model(ModelSpec(name="big", backend="vllm", source="meta-llama/Llama-3.1-8B"))
     assert err.value.field == "source"
+
+
+def test_generation_replicas_split_the_cores_and_the_embedder_gets_up_to_two(monkeypatch):
+    from services.inference.catalog import threads_for
+
+    catalog = default_catalog()
+    generate, embed = catalog.models
+    monkeypatch.setattr("os.cpu_count", lambda: 8)
+    assert threads_for(generate, catalog) == 4 and threads_for(embed, catalog) == 2  # two generation replicas
+    monkeypatch.setattr("os.cpu_count", lambda: 1)
+    assert threads_for(generate, catalog) == 1 and threads_for(embed, catalog) == 1

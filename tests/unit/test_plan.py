@@ -46,3 +46,18 @@ def test_variations_as_prompts_are_asked_as_they_are_with_the_shared_context():
     [task] = plan_clones(mission, [hit])
     assert task.prompt.endswith("How many GPUs has Melchior?") and "Melchior has 2 GPUs." in task.prompt
     assert "Answer How many" not in task.prompt
+
+
+def test_without_budgets_each_role_gets_its_default_scaled_to_the_model():
+    from protos.infer import ModelInfo, ModelsReply
+    from services.orchestrator.budgets import budgets_for, role_budget
+
+    small = ModelInfo(name="s", backend="llama.cpp", roles=["heavy", "fast"], source="x", n_ctx=2048, threads=1)
+    big = ModelInfo(name="b", backend="vllm", roles=["heavy"], source="y", n_ctx=131072, threads=1)
+    assert budgets_for(ModelsReply(models=[small])) == {"heavy": 512, "fast": 128}
+    assert budgets_for(ModelsReply(models=[big])) == {"heavy": 2000, "fast": 128}  # fast: assumed 2048 window
+    assert budgets_for(ModelsReply(models=[big, small]))["heavy"] == 512  # the smallest window serving the role
+    assert role_budget("fast", 32768) == 200 and role_budget("fast", 256) == 32
+    mission = MissionRequest(prompt="Why?", needs_deep_analysis=True, variations=["briefly"])
+    tasks = plan_clones(mission, [], budgets_for(ModelsReply(models=[big])))
+    assert [(t.role, t.max_tokens) for t in tasks] == [("heavy", 2000), ("fast", 128)]

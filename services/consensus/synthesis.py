@@ -1,0 +1,147 @@
+"""`synthesize`: the heavy model writes one answer from the winning group's answers, citing clone ids.
+
+Which answers it reads: the winning group's (the answers that agree in meaning), or every successful
+answer when no two agree (the largest "group" is then one answer: there is nothing to keep, so the
+model reconciles them all). Each answer is cut to `ANSWER_CHARS` and at most `MAX_INPUTS` are given,
+so the prompt fits a small model's context.
+
+Citations: when the model names answer ids (`[var0]`, or a `Sources: deep, var0` line) those are the
+citations. Small models rarely do, whatever the prompt says (SmolLM2-135M wrote good merged answers
+and never an id in our trials), so otherwise each sentence of the answer is credited to the input it
+is closest to in meaning (one more `magi.infer.embed` call; `ATTRIBUTE_MIN` cosine, or word overlap
+when no embedder answers) and the ids are appended to the sentence. `Synthesis.citation` says which.
+
+When the heavy model cannot answer in time (none serving, too long, deadline), the record keeps the
+winning group's medoid as its answer and `Synthesis.fallback` says why: a mission is never lost to its
+last step.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from typing import Awaitable, Callable
+
+import numpy as np
+
+from protos.consensus import Synthesis, Vote
+from protos.infer import ChatMessage, GenerateReply, GenerateRequest
+from services.consensus.strategies import Decision, similarity
+from shared import bus
+from shared.errors import MagiError
+
+MAX_INPUTS = 6
+ANSWER_CHARS = 600
+DEFAULT_MAX_TOKENS = 256
+DEFAULT_TIMEOUT_S = 60.0
+ATTRIBUTE_MIN = {"embedding": 0.5, "words": 0.2}
+_SENTENCE = re.compile(r"(?<=[.!?])\s+")
+_BRACKETED = re.compile(r"\[([A-Za-z0-9_, -]+)\]")
+_SOURCES = re.compile(r"^\s*sources?\s*:\s*(.*)$", re.IGNORECASE | re.MULTILINE)
+
+Embed = Callable[[list[str]], Awaitable[np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class Written:
+    text: str
+    synthesis: Synthesis
+
+
+def pick_inputs(decision: Decision, votes: list[Vote]) -> list[Vote]:
+    """The winning group's answers, or every answer when no two agree; vote order, at most MAX_INPUTS."""
+    ok = [v for v in votes if v.ok and v.text.strip()]
+    winners = set(decision.groups[0]) if decision.groups and len(decision.groups[0]) > 1 else {v.clone_id for v in ok}
+    return [v for v in ok if v.clone_id in winners][:MAX_INPUTS]
+
+
+def messages(prompt: str, inputs: list[Vote]) -> list[ChatMessage]:
+    # Tried on SmolLM2-135M: a system "editor" role made it drift; one user turn with the answers first and
+    # the question last gave short merged answers instead of a copy of the list.
+    ids = [v.clone_id for v in inputs]
+    listing = "\n\n".join(f"Answer {v.clone_id}: {v.text.strip()[:ANSWER_CHARS]}" for v in inputs)
+    question = prompt.strip() or "the question these answers reply to"
+    return [ChatMessage(role="user", content=(
+        f"{listing}\n\nUsing the answers above, answer in a few sentences: {question}\n"
+        f"Finish with 'Sources: ' and the answer ids you used, e.g. Sources: {', '.join(ids[:2])}."))]
+
+
+def named_ids(text: str, ids: list[str]) -> tuple[str, list[str]]:
+    """The ids the model itself cites, and its text without the `Sources:` line."""
+    found: list[str] = []
+    for match in (*_BRACKETED.finditer(text), *_SOURCES.finditer(text)):
+        for token in re.split(r"[,\s]+", match.group(1)):
+            if token in ids and token not in found:
+                found.append(token)
+    body = _SOURCES.sub("", text).strip()
+    return body, [i for i in ids if i in found]
+
+
+def sentences(text: str) -> list[str]:
+    return [s for s in _SENTENCE.split(text.strip()) if s.strip()]
+
+
+def attribute(parts: list[str], inputs: list[Vote], part_vectors: np.ndarray | None,
+              input_vectors: np.ndarray | None) -> list[str | None]:
+    """For each sentence, the clone id of the input closest to it in meaning (or words), if close enough."""
+    if part_vectors is not None and input_vectors is not None:
+        sims, kind = _unit(part_vectors) @ _unit(input_vectors).T, "embedding"
+    else:
+        sims = np.array([[similarity(p, v.text) for v in inputs] for p in parts]).reshape(len(parts), len(inputs))
+        kind = "words"
+    best = sims.argmax(axis=1)
+    return [inputs[b].clone_id if sims[i, b] >= ATTRIBUTE_MIN[kind] else None for i, b in enumerate(best)]
+
+
+def with_citations(parts: list[str], credited: list[str | None]) -> str:
+    return " ".join(f"{p.rstrip()} [{c}]" if c else p for p, c in zip(parts, credited))
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    return m / np.maximum(np.linalg.norm(m, axis=1, keepdims=True), 1e-12)
+
+
+class Synthesizer:
+    def __init__(self, nc, embed: Embed) -> None:
+        self.nc = nc
+        self.embed = embed
+
+    async def write(self, prompt: str, decision: Decision, votes: list[Vote], vote_vectors: np.ndarray | None,
+                    max_tokens: int, timeout_s: float) -> Written:
+        inputs = pick_inputs(decision, votes)
+        ids = [v.clone_id for v in inputs]
+        if len(inputs) == 1:
+            return self._fallback(decision, ids, "one answer: nothing to merge")
+        started = time.perf_counter()
+        request = GenerateRequest(role="heavy", messages=messages(prompt, inputs), temperature=0.0, seed=0,
+                                  max_tokens=max_tokens or DEFAULT_MAX_TOKENS, timeout_s=timeout_s)
+        try:
+            reply = await bus.request(self.nc, "magi.infer.generate", request, GenerateReply, timeout=timeout_s)
+        except MagiError as exc:
+            return self._fallback(decision, ids, f"the heavy model did not answer ({exc.code}: {exc.message})")
+        body, cited = named_ids(reply.text, ids)
+        if not body:
+            return self._fallback(decision, ids, "the heavy model's answer was empty")
+        citation = "model"
+        if not cited:
+            body, cited = await self._attributed(body, inputs, votes, vote_vectors)
+            citation = "attributed"
+        return Written(body, Synthesis(inputs=ids, cited=cited, model=reply.model, node=reply.node, citation=citation,
+                                       latency_ms=round((time.perf_counter() - started) * 1000, 2)))
+
+    async def _attributed(self, body: str, inputs: list[Vote], votes: list[Vote],
+                          vote_vectors: np.ndarray | None) -> tuple[str, list[str]]:
+        parts = sentences(body)
+        input_vectors = None
+        if vote_vectors is not None:
+            index = {v.clone_id: i for i, v in enumerate(votes)}
+            input_vectors = vote_vectors[[index[v.clone_id] for v in inputs]]
+        part_vectors = await self.embed(parts) if input_vectors is not None else None
+        credited = attribute(parts, inputs, part_vectors, input_vectors if part_vectors is not None else None)
+        cited = [v.clone_id for v in inputs if v.clone_id in credited]
+        return with_citations(parts, credited), cited
+
+    @staticmethod
+    def _fallback(decision: Decision, ids: list[str], why: str) -> Written:
+        return Written(decision.answer, Synthesis(inputs=ids, cited=[decision.winner], fallback=why))
