@@ -26,6 +26,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     top_p: Annotated[float, msgspec.Meta(gt=0.0, le=1.0)] = 0.95
     stop: list[str] = []
     seed: int | None = None
+    # llama.cpp's repeat penalty (vLLM's repetition_penalty): > 1 makes repeating recent tokens less likely.
+    # 1.0 (the default) is off, as in llama.cpp's server and OpenAI's API.
+    repeat_penalty: Annotated[float, msgspec.Meta(ge=0.5, le=2.0)] = 1.0
     timeout_s: Annotated[float, msgspec.Meta(gt=0, le=3600)] = 120.0  # generation is aborted after this
     # Streaming: tokens go out as `StreamChunk` messages (header `Magi-Stream: chunk`) to `stream_subject`
     # when given, else to the request's own reply inbox; the final message is the `GenerateReply`.

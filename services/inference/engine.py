@@ -25,6 +25,7 @@ class GenerateParams:
     top_p: float = 0.95
     stop: list[str] = field(default_factory=list)
     seed: int | None = None
+    repeat_penalty: float = 1.0
 
 
 @dataclass
@@ -115,6 +116,7 @@ class LlamaCppEngine(Engine):
             top_p=params.top_p,
             stop=params.stop or None,
             seed=params.seed,
+            repeat_penalty=params.repeat_penalty,
             stream=stream,
             logits_processor=llama_cpp.LogitsProcessorList([self._abort_processor]),
         )

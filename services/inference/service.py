@@ -54,7 +54,7 @@ class InferenceEndpoints:
         await self.router.check_fits(pool, messages, req.max_tokens)
         params = {
             "messages": messages, "max_tokens": req.max_tokens, "temperature": req.temperature,
-            "top_p": req.top_p, "stop": req.stop, "seed": req.seed,
+            "top_p": req.top_p, "stop": req.stop, "seed": req.seed, "repeat_penalty": req.repeat_penalty,
         }
         timeout = min(req.timeout_s, self.settings.request_timeout_s)
         started = time.perf_counter()

@@ -51,7 +51,7 @@ class VllmEngine(Engine):
     def _sampling(self, params: GenerateParams):
         return self._sampling_params(
             max_tokens=params.max_tokens, temperature=params.temperature, top_p=params.top_p,
-            stop=params.stop or None, seed=params.seed,
+            stop=params.stop or None, seed=params.seed, repetition_penalty=params.repeat_penalty,
         )
 
     def generate(self, params: GenerateParams, prefix: str = "") -> Generation:

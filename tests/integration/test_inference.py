@@ -24,6 +24,17 @@ async def test_generation_is_deterministic_at_temperature_zero(nc):
     assert first.usage.total_tokens == first.usage.prompt_tokens + first.usage.completion_tokens
 
 
+async def test_a_repeat_penalty_reaches_the_model(nc):
+    """Greedy decoding of a prompt that invites a loop: the penalty changes which tokens come out."""
+    prompt = "Repeat the word 'worthy' again and again: worthy, worthy, worthy,"
+    plain, penalised = [
+        await bus.request(nc, "magi.infer.generate", GenerateRequest(prompt=prompt, max_tokens=24, temperature=0.0,
+                                                                     seed=1, repeat_penalty=p), GenerateReply,
+                          timeout=60) for p in (1.0, 1.5)]
+    assert plain.text != penalised.text
+    assert plain.text.lower().count("worthy") > penalised.text.lower().count("worthy")
+
+
 async def test_concurrent_requests_spread_over_replicas(nc):
     request = GenerateRequest(role="fast", prompt="Count to five.", max_tokens=16, temperature=0.0)
     replies = await asyncio.gather(

@@ -53,3 +53,11 @@ def test_each_sentence_is_credited_to_the_closest_input_when_close_enough():
 def test_without_vectors_sentences_are_credited_by_shared_words():
     inputs = _votes("the scheduler spreads the load", "a haiku about nodes")
     assert attribute(["The scheduler spreads load."], inputs, None, None) == ["c0"]
+
+
+def test_the_merged_answer_is_budgeted_like_the_longest_input():
+    from services.consensus.synthesis import DEFAULT_MAX_TOKENS, budget
+
+    assert budget(_votes("short", "tiny")) == 64
+    assert budget(_votes("x" * 400)) == 150
+    assert budget(_votes("x" * 10_000)) <= DEFAULT_MAX_TOKENS
