@@ -1,19 +1,21 @@
 """`synthesize`: the heavy model writes one answer from the winning group's answers, citing clone ids.
 
-Which answers it reads: the winning group's (the answers that agree in meaning), or every successful
-answer when no two agree (the largest "group" is then one answer: there is nothing to keep, so the
-model reconciles them all). Each answer is cut to `ANSWER_CHARS` and at most `MAX_INPUTS` are given,
-so the prompt fits a small model's context.
+Which answers it reads: the winning group's (the answers that agree in meaning); when no two agree, the
+three most central answers (highest mean similarity to all the others), so an outlier is left out.
+Each answer is cut to `ANSWER_CHARS` and at most `MAX_INPUTS` are given, so the prompt fits a small
+model's context. It decodes greedily with a mild repeat penalty; layout it copies from the prompt
+("Answer var0:") and sentences it repeats are dropped.
 
 Citations: when the model names answer ids (`[var0]`, or a `Sources: deep, var0` line) those are the
-citations. Small models rarely do, whatever the prompt says (SmolLM2-135M wrote good merged answers
-and never an id in our trials), so otherwise each sentence of the answer is credited to the input it
-is closest to in meaning (one more `magi.infer.embed` call; `ATTRIBUTE_MIN` cosine, or word overlap
-when no embedder answers) and the ids are appended to the sentence. `Synthesis.citation` says which.
+citations. Small models rarely do, whatever the prompt says (SmolLM2-135M wrote merged answers and
+never an id in our trials), so otherwise each sentence of the answer is credited to the input it is
+closest to in meaning (`ATTRIBUTE_MIN` cosine, or word overlap when no embedder answers) and the id is
+appended to the sentence. `Synthesis.citation` says which.
 
-When the heavy model cannot answer in time (none serving, too long, deadline), the record keeps the
-winning group's medoid as its answer and `Synthesis.fallback` says why: a mission is never lost to its
-last step.
+The medoid stays the answer, with `Synthesis.fallback` saying why, when the heavy model cannot answer
+in the time the caller has left (none serving, too long, deadline) or when what it wrote strayed from
+its inputs (cosine to their centroid under `STRAY_MIN`): a synthesis never makes the answer worse than
+picking one, and a mission is never lost to its last step.
 """
 
 from __future__ import annotations
@@ -27,11 +29,15 @@ import numpy as np
 
 from protos.consensus import Synthesis, Vote
 from protos.infer import ChatMessage, GenerateReply, GenerateRequest
-from services.consensus.strategies import Decision, similarity
+from services.consensus.strategies import Decision, normalise, similarity, similarity_matrix
 from shared import bus
 from shared.errors import MagiError
 
 MAX_INPUTS = 6
+NO_AGREEMENT_INPUTS = 3
+# The written answer's cosine to its inputs' centroid must reach this, else the medoid is kept: a small model
+# sometimes answers something else entirely (0.13 seen from a haiku's inputs; good merges measured 0.77-0.81).
+STRAY_MIN = 0.5
 ANSWER_CHARS = 600
 DEFAULT_MAX_TOKENS = 256  # at most; an answer about as long as the longest input is asked for (`budget`)
 # Greedy decoding on a small model loops ("a worthy, a worthy, ..." when one input was a bad haiku); a
@@ -52,11 +58,29 @@ class Written:
     synthesis: Synthesis
 
 
-def pick_inputs(decision: Decision, votes: list[Vote]) -> list[Vote]:
-    """The winning group's answers, or every answer when no two agree; vote order, at most MAX_INPUTS."""
+def pick_inputs(decision: Decision, votes: list[Vote], vectors: np.ndarray | None = None) -> list[Vote]:
+    """The winning group's answers (vote order, at most MAX_INPUTS); when no two agree, the NO_AGREEMENT_INPUTS
+    most central answers (highest mean similarity to the rest), so an outlier (a bad haiku) is left out."""
     ok = [v for v in votes if v.ok and v.text.strip()]
-    winners = set(decision.groups[0]) if decision.groups and len(decision.groups[0]) > 1 else {v.clone_id for v in ok}
-    return [v for v in ok if v.clone_id in winners][:MAX_INPUTS]
+    if decision.groups and len(decision.groups[0]) > 1:
+        winners = set(decision.groups[0])
+        return [v for v in ok if v.clone_id in winners][:MAX_INPUTS]
+    sim, _ = similarity_matrix(ok, _rows(vectors, votes, ok))
+    central = sorted(range(len(ok)), key=lambda i: (-float(sim[i].mean()), i))[:NO_AGREEMENT_INPUTS]
+    return [ok[i] for i in sorted(central)]
+
+
+def tidy(text: str, ids: list[str]) -> str:
+    """Drop what a small model copies from the prompt's layout ("Answer var0:") and sentences it repeats."""
+    for clone_id in ids:
+        text = re.sub(rf"\bAnswer {re.escape(clone_id)}:\s*", "", text)
+    kept, seen = [], set()
+    for part in sentences(text):
+        key = normalise(part)
+        if key and key not in seen:
+            seen.add(key)
+            kept.append(part)
+    return " ".join(kept)
 
 
 def messages(prompt: str, inputs: list[Vote]) -> list[ChatMessage]:
@@ -118,7 +142,7 @@ class Synthesizer:
 
     async def write(self, prompt: str, decision: Decision, votes: list[Vote], vote_vectors: np.ndarray | None,
                     max_tokens: int, timeout_s: float) -> Written:
-        inputs = pick_inputs(decision, votes)
+        inputs = pick_inputs(decision, votes, vote_vectors)
         ids = [v.clone_id for v in inputs]
         if len(inputs) == 1:
             return self._fallback(decision, ids, "one answer: nothing to merge")
@@ -131,27 +155,33 @@ class Synthesizer:
         except MagiError as exc:
             return self._fallback(decision, ids, f"the heavy model did not answer ({exc.code}: {exc.message})")
         body, cited = named_ids(reply.text, ids)
+        body = tidy(body, ids)
         if not body:
             return self._fallback(decision, ids, "the heavy model's answer was empty")
+        parts = sentences(body)
+        input_vectors = _rows(vote_vectors, votes, inputs)
+        # One embed call: the whole answer (to check it stayed with its inputs) and each sentence (to credit it).
+        vectors = await self.embed([body, *parts]) if input_vectors is not None else None
+        if vectors is not None:
+            closeness = float(_unit(vectors[:1]) @ _unit(input_vectors.mean(axis=0, keepdims=True)).T)
+            if closeness < STRAY_MIN:
+                return self._fallback(decision, ids, f"the written answer strayed from the clones' answers "
+                                                     f"(cosine {closeness:.2f} to their centroid, under {STRAY_MIN})")
         citation = "model"
         if not cited:
-            body, cited = await self._attributed(body, inputs, votes, vote_vectors)
-            citation = "attributed"
+            credited = attribute(parts, inputs, None if vectors is None else vectors[1:], input_vectors)
+            body, cited, citation = with_citations(parts, credited), [i for i in ids if i in credited], "attributed"
         return Written(body, Synthesis(inputs=ids, cited=cited, model=reply.model, node=reply.node, citation=citation,
                                        latency_ms=round((time.perf_counter() - started) * 1000, 2)))
-
-    async def _attributed(self, body: str, inputs: list[Vote], votes: list[Vote],
-                          vote_vectors: np.ndarray | None) -> tuple[str, list[str]]:
-        parts = sentences(body)
-        input_vectors = None
-        if vote_vectors is not None:
-            index = {v.clone_id: i for i, v in enumerate(votes)}
-            input_vectors = vote_vectors[[index[v.clone_id] for v in inputs]]
-        part_vectors = await self.embed(parts) if input_vectors is not None else None
-        credited = attribute(parts, inputs, part_vectors, input_vectors if part_vectors is not None else None)
-        cited = [v.clone_id for v in inputs if v.clone_id in credited]
-        return with_citations(parts, credited), cited
 
     @staticmethod
     def _fallback(decision: Decision, ids: list[str], why: str) -> Written:
         return Written(decision.answer, Synthesis(inputs=ids, cited=[decision.winner], fallback=why))
+
+
+def _rows(vectors: np.ndarray | None, votes: list[Vote], chosen: list[Vote]) -> np.ndarray | None:
+    """The rows of `vectors` (one per vote) that belong to `chosen`."""
+    if vectors is None:
+        return None
+    index = {v.clone_id: i for i, v in enumerate(votes)}
+    return vectors[[index[v.clone_id] for v in chosen]]

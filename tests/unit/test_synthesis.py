@@ -23,9 +23,19 @@ def test_the_winning_group_is_what_gets_merged():
     assert [v.clone_id for v in pick_inputs(_decision([["c1", "c3"], ["c0"], ["c2"]]), votes)] == ["c1", "c3"]
 
 
-def test_with_no_agreement_every_successful_answer_is_merged():
-    votes = _votes("a", "b", "c", failed={1})
-    assert [v.clone_id for v in pick_inputs(_decision([["c0"], ["c2"]]), votes)] == ["c0", "c2"]
+def test_with_no_agreement_the_most_central_answers_are_merged_and_outliers_left_out():
+    votes = _votes("a", "b", "c", "d", "e", failed={1})
+    vectors = np.array([[1, 0.2, 0], [0, 0, 1], [1, 0, 0.1], [0, 1, 0], [0.9, 0.3, 0]], dtype=np.float32)
+    decision = _decision([["c0"], ["c2"], ["c3"], ["c4"]])
+    assert [v.clone_id for v in pick_inputs(decision, votes, vectors)] == ["c0", "c2", "c4"]  # not c3, the outlier
+    assert len(pick_inputs(decision, votes)) == 3  # by words when there are no vectors
+
+
+def test_copied_layout_and_repeated_sentences_are_dropped():
+    from services.consensus.synthesis import tidy
+
+    text = "Answer c0: Jobs need homes. Jobs need homes. Nodes idle otherwise! jobs need homes."
+    assert tidy(text, ["c0"]) == "Jobs need homes. Nodes idle otherwise!"
 
 
 def test_the_prompt_lists_each_answer_under_its_clone_id_and_asks_the_question_last():
