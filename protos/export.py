@@ -22,6 +22,8 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.infer.models": (common.Empty, infer.ModelsReply),
     "magi.memory.upsert": (memory.UpsertRequest, memory.UpsertReply),
     "magi.memory.search": (memory.SearchRequest, memory.SearchReply),
+    "magi.memory.list": (memory.ListRequest, memory.ListReply),
+    "magi.memory.delete": (memory.DeleteRequest, memory.DeleteReply),
     "magi.consensus.decide": (consensus.DecideRequest, consensus.ConsensusRecord),
     "magi.consensus.get": (consensus.GetRequest, consensus.ConsensusRecord),
     "magi.consensus.history": (consensus.HistoryRequest, consensus.HistoryReply),

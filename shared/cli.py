@@ -272,16 +272,64 @@ def _read_line() -> str | None:
         return None
 
 
-def cmd_memory(args) -> int:
-    from protos.memory import MemoryDoc, SearchReply, SearchRequest, UpsertReply, UpsertRequest
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not JSON: {exc}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError('must be a JSON object, e.g. \'{"host": "melchior"}\'')
+    return value
 
+
+def cmd_memory(args) -> int:
+    from protos.memory import (
+        DeleteReply,
+        DeleteRequest,
+        ListReply,
+        ListRequest,
+        MemoryDoc,
+        SearchReply,
+        SearchRequest,
+        UpsertReply,
+        UpsertRequest,
+    )
+
+    if args.action in ("add", "search") and not args.text:
+        print(f"magi memory {args.action}: give the text", file=sys.stderr)
+        return 2
     if args.action == "add":
-        docs = [MemoryDoc(text=t, namespace=args.namespace) for t in args.text]
-        reply = asyncio.run(_call("magi.memory.upsert", UpsertRequest(documents=docs), UpsertReply, 60))
-        print("\n".join(reply.ids))
+        docs = [MemoryDoc(text=t, namespace=args.namespace, metadata=args.metadata or {}) for t in args.text]
+        reply = asyncio.run(_call("magi.memory.upsert", UpsertRequest(documents=docs), UpsertReply, 120))
+        if not _emit(reply, args.json):
+            print("\n".join(reply.ids))
         return 0
-    reply = asyncio.run(_call("magi.memory.search", SearchRequest(text=" ".join(args.text), namespace=args.namespace, k=args.k),
-                              SearchReply, 60))
+    if args.action == "list":
+        reply = asyncio.run(_call("magi.memory.list", ListRequest(namespace=args.namespace, filter=args.filter or {},
+                                                                  limit=args.limit, cursor=args.cursor, max_chars=80),
+                                  ListReply, 60))
+        if not _emit(reply, args.json):
+            print(render(["id", "chunks", "created", "text", "metadata"],
+                         [[d.id, d.chunks, d.created_at.strftime("%Y-%m-%d %H:%M") if d.created_at else "",
+                           d.text + ("..." if d.truncated else ""), json.dumps(d.metadata)[:40]]
+                          for d in reply.documents]))
+            if reply.next_cursor:
+                print(f"\nmore: --cursor {reply.next_cursor}")
+        return 0
+    if args.action == "delete":
+        if not args.text and not args.filter and not args.all:
+            print("magi memory delete: give ids, --filter JSON, or --all (every document in --namespace)",
+                  file=sys.stderr)
+            return 2
+        reply = asyncio.run(_call("magi.memory.delete", DeleteRequest(ids=args.text, namespace=args.namespace,
+                                                                      filter=args.filter or {}, all=args.all),
+                                  DeleteReply, 60))
+        if not _emit(reply, args.json):
+            print(f"deleted {reply.deleted} documents ({reply.chunks} chunks)")
+        return 0
+    request = SearchRequest(text=" ".join(args.text), namespace=args.namespace, k=args.k, mode=args.mode,
+                            filter=args.filter or {})
+    reply = asyncio.run(_call("magi.memory.search", request, SearchReply, 60))
     if not _emit(reply, args.json):
         print(render(["score", "id", "text"], [[f"{h.score:.3f}", h.id, h.text[:80]] for h in reply.hits]))
     return 0
@@ -481,11 +529,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="")
     p.add_argument("--model-role", default="heavy", choices=["heavy", "fast"])
     p.add_argument("--max-tokens", type=int, default=128)
-    p = add("memory", cmd_memory, "add documents to memory or search it")
-    p.add_argument("action", choices=["add", "search"])
-    p.add_argument("text", nargs="+")
+    p = add("memory", cmd_memory, "add documents to memory, search, list or delete them")
+    p.add_argument("action", choices=["add", "search", "list", "delete"])
+    p.add_argument("text", nargs="*", help="add: texts; search: the question; delete: document ids")
     p.add_argument("--namespace", default="default")
     p.add_argument("-k", type=int, default=5)
+    p.add_argument("--mode", choices=["hybrid", "vector", "text"], default="hybrid", help="search mode")
+    p.add_argument("--filter", type=_json_object, help="search/list/delete: metadata must contain this JSON object")
+    p.add_argument("--metadata", type=_json_object, help="add: metadata (a JSON object) for each text")
+    p.add_argument("--limit", type=int, default=50, help="list: documents per page")
+    p.add_argument("--cursor", default=None, help="list: the page after this id (printed after a full page)")
+    p.add_argument("--all", action="store_true", help="delete: every document in --namespace")
     p.add_argument("--json", action="store_true")
     p = add("history", cmd_history, "the mission graph: earlier missions like PROMPT, or --node NAME's clones' votes")
     p.add_argument("prompt", nargs="*", help="find earlier missions whose prompts mean much the same")

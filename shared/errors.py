@@ -128,7 +128,16 @@ def translate(exc: BaseException) -> MagiError:
         if name in ("TimeoutError",):
             return DeadlineExceeded("the service did not answer in time")
         return Unavailable("message bus unavailable")
-    if module.startswith("asyncpg") or module.startswith("redis"):
+    if module.startswith("psycopg"):  # psycopg 3 and psycopg_pool (memory's PostgreSQL)
+        log.warning("storage error", extra={"error_type": name, "error": str(exc)})
+        if name == "QueryCanceled":  # statement_timeout or a cancel
+            return DeadlineExceeded("the storage query did not finish in time")
+        import psycopg  # already loaded: the exception came from it
+
+        if isinstance(exc, psycopg.DataError):  # e.g. a NUL character in text or metadata
+            return BadRequest("the storage backend refused a value in the request")
+        return Unavailable("storage backend unavailable")  # OperationalError, PoolTimeout, PoolClosed, ...
+    if module.startswith("redis"):
         log.warning("storage error", extra={"error_type": name, "error": str(exc)})
         return Unavailable("storage backend unavailable")
     if module.startswith("ray"):
