@@ -163,7 +163,7 @@ class Synthesizer:
         # One embed call: the whole answer (to check it stayed with its inputs) and each sentence (to credit it).
         vectors = await self.embed([body, *parts]) if input_vectors is not None else None
         if vectors is not None:
-            closeness = float(_unit(vectors[:1]) @ _unit(input_vectors.mean(axis=0, keepdims=True)).T)
+            closeness = float((_unit(vectors[:1]) @ _unit(input_vectors.mean(axis=0, keepdims=True)).T)[0, 0])
             if closeness < STRAY_MIN:
                 return self._fallback(decision, ids, f"the written answer strayed from the clones' answers "
                                                      f"(cosine {closeness:.2f} to their centroid, under {STRAY_MIN})")
