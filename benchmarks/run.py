@@ -16,7 +16,7 @@ from benchmarks.chaos import measure_chaos, measure_recovery
 from benchmarks.consensus import measure_decide
 from benchmarks.failover import measure_failover
 from benchmarks.infer import measure_tokens_per_s
-from benchmarks.memory import measure_memory_recall
+from benchmarks.memory import measure_memory_recall, measure_memory_scale
 from benchmarks.parallel import measure_parallel_speedup
 from benchmarks.rpc import measure_rpc_ratio
 from benchmarks.sched import measure_placement
@@ -43,6 +43,8 @@ async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
         progress("consensus decisions over 10 answers (embedding call included)")
         metrics.update(await measure_decide(state.home, state.nats_url))
         metrics.update(await measure_memory_recall(state.home, state.nats_url, progress))
+        progress("memory search at 100k documents (MemoryStore on the stack's PostgreSQL, throwaway databases)")
+        metrics.update(await measure_memory_scale(state.pg_dsn, progress))
         return metrics
     finally:
         stack.down(home, progress)
