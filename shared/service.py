@@ -23,7 +23,7 @@ import nats
 from nats.aio.client import Client
 from nats.micro import add_service
 from nats.micro.request import Request
-from nats.micro.service import EndpointStats, Service, ServiceConfig
+from nats.micro.service import EndpointStats, Service, ServiceConfig, ServiceStats
 
 from shared import bus, errors
 from shared.config import Settings
@@ -48,9 +48,11 @@ class RequestContext:
 
 @dataclass
 class EndpointCounters:
+    requests: int = 0  # finished: answered or failed
     errors: int = 0
     in_flight: int = 0
     last_error: str = ""
+    processing_ns: int = 0  # from receipt to the reply going out, summed over `requests`
 
 
 @dataclass
@@ -118,6 +120,9 @@ class MagiService:
                 stats_handler=self._stats,
             ),
         )
+        # nats.micro times the endpoint callback, which here only starts the request's task (a few µs, never an
+        # error): `$SRV.STATS` reports this module's counters instead, taken when each reply goes out.
+        self._service.stats = self._true_stats(self._service.stats)
         groups: dict[str, Any] = {}
         for ep in self._endpoints:
             prefix, _, verb = ep.subject.rpartition(".")
@@ -128,6 +133,22 @@ class MagiService:
         await self.nc.flush()
         await self.nc.flush()
         log.info("service ready", extra={"service": self.name, "endpoints": [e.subject for e in self._endpoints]})
+
+    def _true_stats(self, library_stats: Callable[[], ServiceStats]) -> Callable[[], ServiceStats]:
+        def stats() -> ServiceStats:
+            out = library_stats()
+            counters = {e.subject: e.counters for e in self._endpoints}
+            for endpoint in out.endpoints:
+                c = counters.get(endpoint.subject)
+                if c is None:
+                    continue
+                endpoint.num_requests, endpoint.num_errors = c.requests, c.errors
+                endpoint.last_error = c.last_error or None
+                endpoint.processing_time = c.processing_ns
+                endpoint.average_processing_time = c.processing_ns // c.requests if c.requests else 0
+            return out
+
+        return stats
 
     def _stats(self, stats: EndpointStats) -> dict:
         ep = next((e for e in self._endpoints if e.subject == stats.subject), None)
@@ -141,16 +162,17 @@ class MagiService:
     def _dispatcher(self, ep: _Endpoint) -> Callable[[Request], Awaitable[None]]:
         async def dispatch(request: Request) -> None:
             if ep.counters.in_flight >= ep.max_concurrency:
+                ep.counters.requests += 1
                 await self._fail(ep, request, errors.Unavailable("too many requests in flight; retry later"))
                 return
             ep.counters.in_flight += 1
-            task = asyncio.create_task(self._handle(ep, request))
+            task = asyncio.create_task(self._handle(ep, request, time.perf_counter_ns()))
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
 
         return dispatch
 
-    async def _handle(self, ep: _Endpoint, request: Request) -> None:
+    async def _handle(self, ep: _Endpoint, request: Request, received_ns: int) -> None:
         try:
             headers = dict(request.headers or {})
             with tracer().start_as_current_span(ep.subject, context=extract_context(headers)) as span:
@@ -167,6 +189,8 @@ class MagiService:
             log.exception("could not reply", extra={"subject": ep.subject})
         finally:
             ep.counters.in_flight -= 1
+            ep.counters.requests += 1
+            ep.counters.processing_ns += time.perf_counter_ns() - received_ns
 
     async def _call(self, ep: _Endpoint, request: Request, headers: dict[str, str]) -> msgspec.Struct:
         data = request.data
