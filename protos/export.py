@@ -7,7 +7,7 @@ from pathlib import Path
 
 import msgspec
 
-from protos import common, consensus, infer, memory, mission, node, sched
+from protos import common, consensus, gateway, infer, memory, mission, node, sched
 
 # subject -> (request type, reply type); events have no reply.
 SUBJECTS: dict[str, tuple[type, type | None]] = {
@@ -35,6 +35,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.sched.assignments.<node>": (sched.AssignmentsRequest, sched.AssignmentsReply),
     "magi.node.<node>.heartbeat": (node.Heartbeat, None),
     "magi.node.<node>.info": (common.Empty, node.Heartbeat),
+    "magi.gateway.info": (common.Empty, gateway.GatewayInfo),
     "error": (common.ErrorReply, None),
 }
 

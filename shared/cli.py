@@ -53,6 +53,8 @@ def cmd_up(args) -> int:
                                           tls=args.tls or None)
     state = asyncio.run(stack.up(cfg, progress))
     print(f"MAGI is up: NATS {state.nats_url}, logs in {cfg.home / 'logs'}")
+    if state.http_url:
+        print(f"OpenAI-compatible API on {state.http_url} (bearer key in {cfg.api_key_file})")
     if state.nats_url != settings.nats_url:
         print(f"export MAGI_NATS_URL={state.nats_url}")
     return 0

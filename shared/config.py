@@ -59,6 +59,11 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     mission_ack_wait_s: float = 6.0
     mission_max_deliver: int = 8  # attempts (over about 90 s) before a failing mission goes to `magi.mission.dead.<id>`
     mission_concurrency: int = 16  # missions one orchestrator runs at once
+    # The OpenAI-compatible HTTP gateway (services/gateway): loopback only unless told otherwise.
+    http_host: str = "127.0.0.1"
+    http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
+    http_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64  # requests at once; more get 429 with Retry-After
+    api_keys_file: str = ""  # bearer API keys, one per line (or JSON); empty: `$MAGI_HOME/secrets/api_key`
 
     def nats_servers(self) -> list[str]:
         """MAGI_NATS_URL may list several servers of a NATS cluster, comma-separated."""
@@ -70,6 +75,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
 
     def node(self) -> str:
         return self.node_name or socket.gethostname()
+
+    def api_keys_path(self) -> Path:
+        """The HTTP gateway's bearer keys: MAGI_API_KEYS_FILE, else the one `magi up` creates."""
+        return Path(self.api_keys_file) if self.api_keys_file else self.home_path / "secrets" / "api_key"
 
     def failover_grace_s(self) -> float:
         """How long the scheduler waits on a silent node before it re-places the node's instances."""
@@ -110,6 +119,10 @@ _ENV = {
     "mission_ack_wait_s": "MAGI_MISSION_ACK_WAIT_S",
     "mission_max_deliver": "MAGI_MISSION_MAX_DELIVER",
     "mission_concurrency": "MAGI_MISSION_CONCURRENCY",
+    "http_host": "MAGI_HTTP_HOST",
+    "http_port": "MAGI_HTTP_PORT",
+    "http_concurrency": "MAGI_HTTP_CONCURRENCY",
+    "api_keys_file": "MAGI_API_KEYS_FILE",
     "agent_lease_s": "MAGI_AGENT_LEASE_S",
     "sched_lease_s": "MAGI_SCHED_LEASE_S",
 }

@@ -8,6 +8,10 @@ client may subscribe to, so an assignment reply (it can carry an instance's envi
 its agent alone. Clients and admins keep NATS's default `_INBOX.` so `nats req` works unchanged.
 Services answer requests through `allow_responses` (a reply to a message they received), so none of
 them needs publish rights on other identities' inboxes.
+
+The HTTP gateway is a client of the bus on behalf of API users: a streamed generation sends many messages
+to its inbox, which inference may not publish into `_MAGI.` (`allow_responses` allows one reply), so its
+inboxes are `_INBOX.gateway.>`, which clients may not read.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import msgspec
 
 from protos.mission import RESULT_STREAM, SUBMIT_STREAM
 
-SERVICE_ROLES = ("scheduler", "inference", "memory", "consensus", "orchestrator")
+SERVICE_ROLES = ("scheduler", "inference", "memory", "consensus", "orchestrator", "gateway")
 USER_ROLES = ("client", "admin")
 ROLES = (*SERVICE_ROLES, "agent", *USER_ROLES)
 
@@ -43,7 +47,8 @@ _ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "ma
 
 # Subjects only their service (or a node's agent) may answer: no user identity may subscribe to them.
 _SERVED = ["magi.sched.>", "magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.>", "magi.memory.>",
-           "magi.consensus.>", "magi.node.*.info", "magi.node.*.reconcile"]
+           "magi.consensus.>", "magi.gateway.>", "magi.node.*.info", "magi.node.*.reconcile"]
+GATEWAY_INBOX = "_INBOX.gateway"
 
 
 class Permissions(msgspec.Struct, kw_only=True):
@@ -69,6 +74,8 @@ class Permissions(msgspec.Struct, kw_only=True):
 
 def inbox_prefix(identity: str) -> str:
     """Where an identity's reply inboxes live (see the module docstring)."""
+    if identity == "gateway":
+        return GATEWAY_INBOX
     return "_INBOX" if identity in USER_ROLES else f"_MAGI.{identity}"
 
 
@@ -129,13 +136,21 @@ def _role_table() -> dict[str, Permissions]:
             summary="serves `magi.mission.run` and `.get`, queues and consumes `magi.mission.submit`, asks memory, "
                     "inference and consensus, remembers answers in memory, stores results, publishes progress "
                     "(never `$SYS`, `_MAGI.` or control subjects; cannot delete or purge streams)"),
+        "gateway": Permissions(
+            pub_allow=["magi.infer.generate", "magi.infer.cancel", "magi.infer.embed", "magi.infer.models",
+                       "magi.mission.run"],
+            sub_allow=_service("magi-gateway", ["magi.gateway.>"], "gateway"),
+            summary="the OpenAI-compatible HTTP API: asks generate (streamed, with its own request ids), cancel, "
+                    "embed, models and missions; serves `magi.gateway.info`; its inboxes `_INBOX.gateway.>` "
+                    "(inference streams there) no client may read"),
         "client": Permissions(
             pub_allow=["magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.generate", "magi.infer.cancel",
                        "magi.infer.models", "magi.infer.embed", "magi.memory.search", "magi.memory.upsert",
                        "magi.memory.list", "magi.memory.delete", "magi.consensus.get", "magi.consensus.history",
                        "magi.sched.nodes", "magi.sched.report", "magi.node.*.info",
                        "$SRV.>", *_results_reader()],
-            sub_allow=[">"], sub_deny=["magi.>", "$SYS.>", "$JS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>"],
+            sub_allow=[">"], sub_deny=["magi.>", "$SYS.>", "$JS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>",
+                                       f"{GATEWAY_INBOX}.>"],
             allow_responses=False,
             summary="missions, generate/cancel/models/embed, memory search/upsert/list/delete, consensus get/history, "
                     "read-only status (nodes, report, node info, `$SRV` discovery), mission results; may not serve "

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -27,13 +28,13 @@ from shared import natsauth, pki
 from shared.config import Settings
 from shared.errors import StackError
 from shared.natsconf import Tls, server_config
-from shared.procs import pid_alive, require_free, stop_tree, tail_hint, wait_tcp
+from shared.procs import free_port, pid_alive, require_free, stop_tree, tail_hint, wait_tcp
 from shared.roles import SERVICE_ROLES, USER_ROLES, agent_identity
 
 log = logging.getLogger("magi.stack")
 
 # Start order matters: memory asks inference for its embedding size; the orchestrator needs the rest.
-SERVICES = ("agent", "scheduler", "inference", "memory", "consensus", "orchestrator")
+SERVICES = ("agent", "scheduler", "inference", "memory", "consensus", "orchestrator", "gateway")
 SERVICE_TIMEOUT_S = {"inference": 240.0}
 
 Progress = Callable[[str], None]
@@ -54,6 +55,7 @@ class StackState(msgspec.Struct, kw_only=True):
     pg_dsn: str
     pgdata: str
     components: list[Component] = []
+    http_url: str = ""  # the OpenAI-compatible API (`.../v1`), when the gateway runs
 
 
 @dataclass
@@ -66,12 +68,15 @@ class StackConfig:
     extra_env: dict[str, str] = field(default_factory=dict)
     tls: bool = False  # clients must speak TLS to NATS (a CA and certificate under secrets/tls)
     agents: tuple[str, ...] = ()  # nodes whose agents get credentials up front (the local node's always does)
+    http_host: str = "127.0.0.1"  # the gateway's HTTP API
+    http_port: int = 0  # 0: a free port (tests, benchmarks); `magi up` passes MAGI_HTTP_PORT (8080)
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "StackConfig":
         nats_port = urlparse(settings.nats_url).port or 4222
         redis_port = urlparse(settings.redis_url).port or 6479
-        base = dict(home=settings.home_path, nats_port=nats_port, redis_port=redis_port, node_name=settings.node_name)
+        base = dict(home=settings.home_path, nats_port=nats_port, redis_port=redis_port, node_name=settings.node_name,
+                    http_host=settings.http_host, http_port=settings.http_port)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -86,6 +91,10 @@ class StackConfig:
     @property
     def secrets(self) -> Path:
         return self.home / "secrets" / "nats"
+
+    @property
+    def api_key_file(self) -> Path:
+        return self.home / "secrets" / "api_key"
 
     @property
     def tls_dir(self) -> Path:
@@ -123,6 +132,13 @@ def ensure_credentials(cfg: StackConfig, agents: list[str] = ()) -> None:
     for identity in (*SERVICE_ROLES, *USER_ROLES, *(agent_identity(n) for n in agents)):
         natsauth.ensure_seed(cfg.secrets, identity)
     (cfg.home / "secrets").chmod(0o700)  # the TLS keys live beside the seeds
+
+
+def ensure_api_key(cfg: StackConfig) -> Path:
+    """The gateway's bearer key, `$MAGI_HOME/secrets/api_key` (mode 0600), created once."""
+    if not cfg.api_key_file.exists():
+        natsauth.write_private(cfg.api_key_file, (secrets.token_urlsafe(32) + "\n").encode())
+    return cfg.api_key_file
 
 
 def _tls(cfg: StackConfig) -> Tls | None:
@@ -217,7 +233,8 @@ def _service_env(cfg: StackConfig, state: StackState) -> dict[str, str]:
     # Each service finds its own role's seed under MAGI_HOME; a user's MAGI_NATS_CREDS is the user's.
     env.pop("MAGI_NATS_CREDS", None)
     env.update(MAGI_NATS_URL=state.nats_url, MAGI_REDIS_URL=state.redis_url, MAGI_PG_DSN=state.pg_dsn,
-               MAGI_HOME=str(cfg.home), PYTHONUNBUFFERED="1")
+               MAGI_HOME=str(cfg.home), PYTHONUNBUFFERED="1", MAGI_HTTP_HOST=cfg.http_host,
+               MAGI_HTTP_PORT=str(cfg.http_port))
     if cfg.node_name:
         env["MAGI_NODE_NAME"] = cfg.node_name
     # The model replicas are scheduler instances on this node too; leave room for a user's own.
@@ -288,6 +305,12 @@ async def up(cfg: StackConfig, progress: Progress = lambda _msg: None) -> StackS
 
 
 async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
+    if "gateway" in cfg.services:
+        cfg.http_port = cfg.http_port or free_port()
+        require_free(cfg.http_port, "the OpenAI-compatible API", "set MAGI_HTTP_PORT (e.g. 8081)")
+        host = f"[{cfg.http_host}]" if ":" in cfg.http_host else cfg.http_host
+        state.http_url = f"http://{host}:{cfg.http_port}/v1"
+    ensure_api_key(cfg)
     progress(f"nats-server on {cfg.nats_url}")
     nats = start_nats(cfg)
     state.components.append(Component(name="nats", pid=nats.pid, log=str(cfg.log_file("nats")), argv=nats.cmdline()))

@@ -51,3 +51,16 @@ async def nc(nats_url, stack_home):
         yield client
     finally:
         await client.close()
+
+
+@pytest.fixture(scope="session")
+def gateway_url(magi_stack) -> str:
+    """The session stack's OpenAI-compatible API (`http://127.0.0.1:<free port>/v1`)."""
+    assert magi_stack.http_url, "the session stack runs no gateway"
+    return magi_stack.http_url
+
+
+@pytest.fixture(scope="session")
+def api_key(magi_stack) -> str:
+    """The bearer key `magi up` wrote for the session stack's gateway."""
+    return (Path(magi_stack.home) / "secrets" / "api_key").read_text().strip()

@@ -1,6 +1,7 @@
 """Nothing of ours listens beyond loopback (Ray binds every interface unless confined)."""
 
 import ipaddress
+from urllib.parse import urlparse
 
 import psutil
 import pytest
@@ -32,3 +33,5 @@ def test_every_listener_of_the_stack_is_on_loopback(magi_stack):
     assert listeners, "the stack should be listening somewhere"
     exposed = [(c.pid, c.laddr.ip, c.laddr.port) for c in listeners if not is_loopback(c.laddr.ip)]
     assert not exposed, f"listening beyond loopback: {exposed}"
+    # The gateway's HTTP API is one of them, on loopback.
+    assert urlparse(magi_stack.http_url).port in {c.laddr.port for c in listeners}

@@ -1,0 +1,82 @@
+"""The gateway process: an HTTP server (uvicorn, in this process's event loop) for the OpenAI-compatible
+API, and a NATS micro service (`magi-gateway`, `magi.gateway.info`) registered only once HTTP listens,
+so `$SRV.PING` answering means the API is up."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+
+import uvicorn
+
+from protos.common import Empty
+from protos.gateway import GatewayInfo
+from services.gateway.app import Gateway
+from services.gateway.keys import ApiKeys
+from shared.config import Settings
+from shared.errors import StackError
+from shared.service import MagiService, RequestContext
+
+VERSION = "0.1.0"
+log = logging.getLogger("magi.gateway")
+
+
+class _Server(uvicorn.Server):
+    """uvicorn without its own signal handling: the service's runner owns SIGTERM/SIGINT."""
+
+    def capture_signals(self):
+        return contextlib.nullcontext()
+
+
+def listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise StackError(f"cannot listen on {host}:{port} ({exc.strerror}); set MAGI_HTTP_PORT") from None
+    sock.listen(1024)
+    sock.setblocking(False)
+    return sock
+
+
+def base_url(host: str, port: int) -> str:
+    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+async def build(settings: Settings):
+    service = MagiService("magi-gateway", VERSION, "OpenAI-compatible HTTP API over the bus", settings)
+    nc = await service.connect()
+    gateway = Gateway(settings, nc, ApiKeys(settings.api_keys_path()))
+    sock = listen(settings.http_host, settings.http_port)
+    url = base_url(settings.http_host, sock.getsockname()[1])
+    config = uvicorn.Config(gateway.app(), log_config=None, access_log=False, lifespan="off", server_header=False,
+                            http="httptools", timeout_graceful_shutdown=5, timeout_keep_alive=30)
+    server = _Server(config)
+    serving = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started:  # listening: only then does the micro service (readiness) register
+        if serving.done():
+            serving.result()
+            raise StackError("the HTTP server stopped while starting")
+        await asyncio.sleep(0.01)
+    log.info("HTTP API listening", extra={"url": url, "keys_file": str(settings.api_keys_path())})
+
+    async def info(_req: Empty, _ctx: RequestContext) -> GatewayInfo:
+        c = gateway.counters
+        return GatewayInfo(url=url, in_flight=c.in_flight, limit=gateway.limit, served=c.served, rejected=c.rejected,
+                           streams=c.streams, cancelled=c.cancelled)
+
+    service.endpoint("magi.gateway.info", Empty, info)
+
+    async def cleanup() -> None:
+        server.should_exit = True
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(serving, 10)
+        await gateway.close()
+        sock.close()
+
+    return service, cleanup
