@@ -15,6 +15,7 @@ from benchmarks.bus import measure_auth_overhead, measure_hop
 from benchmarks.chaos import measure_chaos, measure_recovery
 from benchmarks.consensus import measure_decide
 from benchmarks.failover import measure_failover
+from benchmarks.gateway import measure_gateway
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.memory import measure_memory_recall, measure_memory_scale
 from benchmarks.parallel import measure_parallel_speedup
@@ -40,6 +41,8 @@ async def _run(home: Path, rounds: int, hop_n: int) -> dict[str, float]:
         progress("bus round trips")
         metrics.update(await measure_hop(state.home, state.nats_url, hop_n))
         metrics.update(await measure_tokens_per_s(state.home, state.nats_url, rounds, progress))
+        progress("OpenAI-compatible gateway vs the bus (streamed tokens/s, one-token overhead)")
+        metrics.update(await measure_gateway(state.home, state.nats_url, progress))
         progress("consensus decisions over 10 answers (embedding call included)")
         metrics.update(await measure_decide(state.home, state.nats_url))
         metrics.update(await measure_memory_recall(state.home, state.nats_url, progress))

@@ -317,6 +317,11 @@ class Gateway:
             except Exception as exc:  # an error mid-stream: reported as an SSE error event
                 await queue.put((choice, exc))
 
+        if len(choices) == 1:  # one choice: read its stream here, without a task and queue per token
+            async with contextlib.aclosing(self._single(kind, model, cid, created, choices[0], include_usage)) as one:
+                async for event in one:
+                    yield event
+            return
         pumps = [asyncio.create_task(pump(c)) for c in choices]
         try:
             if kind == "chat":
@@ -341,6 +346,29 @@ class Gateway:
             yield DONE
         finally:
             self._background(self._stop(choices, pumps))
+
+    async def _single(self, kind: str, model: str, cid: str, created: int, choice: Choice,
+                      include_usage: bool) -> AsyncIterator[bytes]:
+        try:
+            if kind == "chat":
+                yield sse(mapping.chunk(kind, cid, created, model, 0, role=True))
+            item = choice.first
+            while isinstance(item, StreamChunk):
+                if item.text:
+                    yield sse(mapping.chunk(kind, cid, created, model, 0, text=item.text))
+                try:
+                    item = await anext(choice.stream)
+                except Exception as exc:  # an error mid-stream: reported as an SSE error event
+                    choice.done = True
+                    yield sse(mapping.http_error(exc)[1])
+                    return
+            choice.done, choice.reply = True, item
+            yield sse(mapping.chunk(kind, cid, created, model, 0, finish=mapping.finish_reason(item.finish_reason)))
+            if include_usage:
+                yield sse(mapping.usage_chunk(kind, cid, created, model, mapping.usage([item])))
+            yield DONE
+        finally:
+            self._background(self._stop([choice], []))
 
     async def _stop(self, choices: list[Choice], pumps: list[asyncio.Task]) -> None:
         """After a stream ends, however it ends: close each bus stream (unsubscribing its inbox, which the
