@@ -176,10 +176,11 @@ async def measure_gateway(home: str, nats_url: str, progress=lambda _m: None, *,
     proc = None
     if not url:
         url, proc = await start_gateway(home, nats_url)
-    key = (Path(home) / "secrets" / "api_key").read_text().strip()
-    nc = await stack.connect_as(home, nats_url)
-    http = await HttpClient(url, key).open()
+    nc = http = None
     try:
+        key = (Path(home) / "secrets" / "api_key").read_text().strip()
+        nc = await stack.connect_as(home, nats_url)
+        http = await HttpClient(url, key).open()
         await _bus_stream(nc, PROMPTS[0])  # warm both paths, not counted
         await _http_stream(http, PROMPTS[0])
         sides = {"bus": [0, 0.0], "gateway": [0, 0.0]}
@@ -195,8 +196,10 @@ async def measure_gateway(home: str, nats_url: str, progress=lambda _m: None, *,
         await _tiny(nc, http, 20)  # warm
         bus_ms, http_ms = await _tiny(nc, http, tiny_n)
     finally:
-        await http.close()
-        await nc.close()
+        if http is not None:
+            await http.close()
+        if nc is not None:
+            await nc.close()
         if proc is not None:
             stop_tree(proc.pid, grace=10)
     bus_tps = sides["bus"][0] / sides["bus"][1]
