@@ -6,6 +6,7 @@ from dataclasses import dataclass
 
 from protos.memory import SearchHit
 from protos.mission import MissionRequest
+from services.orchestrator.budgets import budgets_for
 
 
 @dataclass(frozen=True)
@@ -24,7 +25,7 @@ def context_block(hits: list[SearchHit]) -> str:
     return f"Relevant notes:\n{lines}\n\n"
 
 
-DEFAULT_BUDGETS = {"heavy": 512, "fast": 128}  # services.orchestrator.budgets for a 2048-token model
+DEFAULT_BUDGETS = budgets_for(None)  # what a mission gets when no model names its window
 
 
 def plan_clones(mission: MissionRequest, hits: list[SearchHit],
