@@ -138,11 +138,14 @@ def _role_table() -> dict[str, Permissions]:
                     "(never `$SYS`, `_MAGI.` or control subjects; cannot delete or purge streams)"),
         "gateway": Permissions(
             pub_allow=["magi.infer.generate", "magi.infer.cancel", "magi.infer.embed", "magi.infer.models",
-                       "magi.mission.run"],
-            sub_allow=_service("magi-gateway", ["magi.gateway.>"], "gateway"),
-            summary="the OpenAI-compatible HTTP API: asks generate (streamed, with its own request ids), cancel, "
-                    "embed, models and missions; serves `magi.gateway.info`; its inboxes `_INBOX.gateway.>` "
-                    "(inference streams there) no client may read"),
+                       "magi.mission.run", "magi.mission.get", "magi.consensus.history", "magi.sched.nodes",
+                       "magi.sched.report", "magi.node.*.info", "$SRV.PING", "$SRV.INFO", "$SRV.STATS"],
+            sub_allow=_service("magi-gateway", ["magi.gateway.>", "magi.node.*.heartbeat", "magi.mission.events.>"],
+                               "gateway"),
+            summary="the OpenAI-compatible HTTP API, `/metrics` and the dashboard: asks generate (streamed, with its "
+                    "own request ids), cancel, embed, models and missions, reads status (nodes, report, history, "
+                    "`$SRV` stats), hears heartbeats and mission events; serves `magi.gateway.info`; its inboxes "
+                    "`_INBOX.gateway.>` (inference streams there) no client may read"),
         "client": Permissions(
             pub_allow=["magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.generate", "magi.infer.cancel",
                        "magi.infer.models", "magi.infer.embed", "magi.memory.search", "magi.memory.upsert",
