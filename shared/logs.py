@@ -1,4 +1,8 @@
-"""Structured logging: one JSON object per line, extra fields kept."""
+"""Structured logging: one JSON object per line, extra fields kept.
+
+A line logged inside a span carries the span's `trace_id` and `span_id`, so a mission's log lines on
+every service can be found by the trace id its reply names (and joined to its spans in a tracing UI).
+"""
 
 from __future__ import annotations
 
@@ -7,6 +11,7 @@ import os
 import sys
 
 import msgspec
+from opentelemetry import trace
 
 _STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime"}
 
@@ -19,6 +24,9 @@ class JsonFormatter(logging.Formatter):
             "logger": record.name,
             "msg": record.getMessage(),
         }
+        span = trace.get_current_span().get_span_context()
+        if span.is_valid:
+            entry["trace_id"], entry["span_id"] = f"{span.trace_id:032x}", f"{span.span_id:016x}"
         entry.update({k: v for k, v in vars(record).items() if k not in _STANDARD})
         if record.exc_info:
             entry["exc"] = self.formatException(record.exc_info)

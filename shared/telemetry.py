@@ -1,17 +1,21 @@
 """OpenTelemetry tracing across NATS hops.
 
 The W3C `traceparent` travels in NATS message headers, so one mission is one trace across the
-orchestrator, inference, memory and consensus services. Spans go to `$MAGI_HOME/traces/<service>.jsonl`
-by default, or to an OTLP collector when `OTEL_EXPORTER_OTLP_ENDPOINT` is set and the exporter is installed.
+orchestrator, inference, memory and consensus services. Spans go over OTLP/HTTP to a collector when
+`OTEL_EXPORTER_OTLP_ENDPOINT` (or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set; otherwise to
+`$MAGI_HOME/traces/<service>.jsonl`, one OTLP-JSON `ExportTraceServiceRequest` per line: the file
+format an OpenTelemetry Collector's `otlpjsonfile` receiver ingests, so a trace written offline can be
+shipped later unchanged.
 """
 
 from __future__ import annotations
 
+import base64
 import logging
 import os
 import threading
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import msgspec
 from opentelemetry import context, propagate, trace
@@ -21,9 +25,36 @@ from opentelemetry.sdk.trace.export import BatchSpanProcessor, SpanExporter, Spa
 
 log = logging.getLogger("magi.telemetry")
 
+# OTLP/JSON differs from protobuf's canonical JSON mapping in one respect: trace and span ids are hex,
+# not base64 (https://opentelemetry.io/docs/specs/otlp/#json-protobuf-encoding).
+_ID_FIELDS = ("traceId", "spanId", "parentSpanId")
+
+
+def otlp_json(spans: Sequence[ReadableSpan]) -> dict:
+    """`spans` as an OTLP/JSON ExportTraceServiceRequest (lowerCamelCase keys, enums as integers,
+    64-bit integers as strings, ids as hex), encoded by OpenTelemetry's own OTLP encoder."""
+    from google.protobuf.json_format import MessageToDict
+    from opentelemetry.exporter.otlp.proto.common.trace_encoder import encode_spans
+
+    body = MessageToDict(encode_spans(spans), use_integers_for_enums=True)
+    for resource_spans in body.get("resourceSpans", []):
+        for scope_spans in resource_spans.get("scopeSpans", []):
+            for span in scope_spans.get("spans", []):
+                _hex_ids(span)
+                for link in span.get("links", []):
+                    _hex_ids(link)
+    return body
+
+
+def _hex_ids(obj: dict) -> None:
+    for key in _ID_FIELDS:
+        if key in obj:
+            obj[key] = base64.b64decode(obj[key]).hex()
+
 
 class JsonlSpanExporter(SpanExporter):
-    """Appends finished spans as JSON lines; cheap, dependency-free, greppable by trace id."""
+    """Appends each batch of finished spans as one OTLP/JSON line; greppable by trace id, and a
+    collector's `otlpjsonfile` receiver (include: [$MAGI_HOME/traces/*.jsonl]) can read it."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -31,40 +62,72 @@ class JsonlSpanExporter(SpanExporter):
         self._lock = threading.Lock()
 
     def export(self, spans: Sequence[ReadableSpan]) -> SpanExportResult:
-        lines = [msgspec.json.encode(_span_record(s)) + b"\n" for s in spans]
+        line = msgspec.json.encode(otlp_json(spans)) + b"\n"
         with self._lock, self._path.open("ab") as out:
-            out.writelines(lines)
+            out.write(line)
         return SpanExportResult.SUCCESS
 
     def shutdown(self) -> None:
         return None
 
 
-def _span_record(span: ReadableSpan) -> dict:
-    ctx = span.get_span_context()
-    return {
-        "trace_id": f"{ctx.trace_id:032x}",
-        "span_id": f"{ctx.span_id:016x}",
-        "parent_id": f"{span.parent.span_id:016x}" if span.parent else None,
-        "name": span.name,
-        "service": span.resource.attributes.get("service.name"),
-        "start_ns": span.start_time,
-        "end_ns": span.end_time,
-        "attributes": {k: v for k, v in (span.attributes or {}).items()},
-        "status": span.status.status_code.name,
-    }
+def _any_value(value: dict):
+    """The Python value of an OTLP/JSON AnyValue."""
+    for key in ("stringValue", "boolValue", "doubleValue"):
+        if key in value:
+            return value[key]
+    if "intValue" in value:
+        return int(value["intValue"])
+    if "arrayValue" in value:
+        return [_any_value(v) for v in value["arrayValue"].get("values", [])]
+    return None
+
+
+def _attributes(items: list[dict]) -> dict:
+    return {a["key"]: _any_value(a.get("value", {})) for a in items}
+
+
+def read_spans(path: Path) -> Iterator[dict]:
+    """Every span of an OTLP/JSON lines file, flattened: trace_id, span_id, parent_id, name, service,
+    start_ns, end_ns, attributes, status (the status code's OTLP name: UNSET, OK or ERROR)."""
+    statuses = {0: "UNSET", 1: "OK", 2: "ERROR"}
+    with path.open("rb") as lines:
+        for line in lines:
+            if not line.strip():
+                continue
+            for resource_spans in msgspec.json.decode(line).get("resourceSpans", []):
+                resource = _attributes(resource_spans.get("resource", {}).get("attributes", []))
+                for scope_spans in resource_spans.get("scopeSpans", []):
+                    for span in scope_spans.get("spans", []):
+                        yield {"trace_id": span["traceId"], "span_id": span["spanId"],
+                               "parent_id": span.get("parentSpanId") or None, "name": span["name"],
+                               "service": resource.get("service.name"),
+                               "start_ns": int(span.get("startTimeUnixNano", 0)),
+                               "end_ns": int(span.get("endTimeUnixNano", 0)),
+                               "attributes": _attributes(span.get("attributes", [])),
+                               "status": statuses.get(span.get("status", {}).get("code", 0), "UNSET")}
+
+
+def _otlp_exporter() -> SpanExporter | None:
+    """The OTLP exporter the standard environment asks for, or None when none is configured."""
+    if not (os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT") or os.environ.get("OTEL_EXPORTER_OTLP_TRACES_ENDPOINT")):
+        return None
+    protocol = os.environ.get("OTEL_EXPORTER_OTLP_TRACES_PROTOCOL") or os.environ.get("OTEL_EXPORTER_OTLP_PROTOCOL")
+    try:
+        if protocol == "grpc":  # not a MAGI dependency: only when the operator installed it
+            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
+        else:  # http/protobuf, the specification's default
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+    except ImportError:
+        log.warning("OTLP endpoint set but its exporter is not installed: spans go to the JSONL file",
+                    extra={"protocol": protocol or "http/protobuf"})
+        return None
+    return OTLPSpanExporter()  # endpoint, headers, timeout and certificates from the OTEL_* environment
 
 
 def setup_tracing(service: str, home: Path) -> TracerProvider:
     provider = TracerProvider(resource=Resource.create({"service.name": service}))
-    exporter: SpanExporter = JsonlSpanExporter(home / "traces" / f"{service}.jsonl")
-    if os.environ.get("OTEL_EXPORTER_OTLP_ENDPOINT"):
-        try:
-            from opentelemetry.exporter.otlp.proto.grpc.trace_exporter import OTLPSpanExporter
-
-            exporter = OTLPSpanExporter()
-        except ImportError:
-            log.warning("OTEL_EXPORTER_OTLP_ENDPOINT set but opentelemetry-exporter-otlp is not installed")
+    exporter = _otlp_exporter() or JsonlSpanExporter(home / "traces" / f"{service}.jsonl")
     provider.add_span_processor(BatchSpanProcessor(exporter, schedule_delay_millis=500))
     trace.set_tracer_provider(provider)
     return provider

@@ -14,6 +14,7 @@ from protos.consensus import ConsensusRecord, GetRequest
 from protos.memory import SearchReply, SearchRequest, UpsertReply, UpsertRequest
 from protos.mission import MissionReply, MissionRequest
 from shared import bus, demo
+from shared.telemetry import read_spans
 
 pytestmark = pytest.mark.e2e
 
@@ -62,11 +63,8 @@ async def _assert_trace_crosses_services(home: Path, trace_id: str) -> None:
     seen: set[str] = set()
     for _ in range(40):  # spans are exported in batches every 0.5 s
         seen = set()
-        for path in (home / "traces").glob("*.jsonl"):
-            for line in path.read_text().splitlines():
-                span = json.loads(line)
-                if span["trace_id"] == trace_id:
-                    seen.add(span["service"])
+        for path in (home / "traces").glob("*.jsonl"):  # OTLP/JSON lines
+            seen |= {span["service"] for span in read_spans(path) if span["trace_id"] == trace_id}
         if wanted <= seen:
             return
         await asyncio.sleep(0.25)
