@@ -4,12 +4,14 @@ Writes into DIR (nothing of it belongs in git; secret files are mode 0600):
 
     DIR/ca/ca.pem, ca-key.pem          the cluster's CA (keep the key off the nodes)
     DIR/secrets/*.nk, ray-token        master copies of every credential
-    DIR/operator/                      the operator's workstation: admin.nk, client.nk, ca.pem, magi.env
+    DIR/operator/                      the operator's workstation: admin.nk, client.nk, ca.pem, magi.env, api_key
     DIR/nodes/<node>/                  copy to <etc> (default /etc/magi) on that node:
         magi.env                       its environment (bus URLs, CA, cluster address, Ray join, RPC ports)
         ca.pem                         to verify the NATS servers
         credentials/agent.nk           its agent's nkey seed (systemd LoadCredential)
         credentials/<service>.nk       seeds of the services it hosts (the head)
+        credentials/api_keys           the head's gateway: bearer keys of the OpenAI-compatible API
+        credentials/gateway-key.pem    the head's gateway: its HTTPS key (tls/gateway.pem, from the CA)
         credentials/ray-token          Ray's cluster token (RAY_AUTH_MODE=token everywhere)
         nats.conf, tls/nats*.pem       on NATS server nodes: the server's config and certificate
         agent.yaml                     the node's instance policy: nothing allowed until the operator lists it
@@ -27,7 +29,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.agent.rayjoin import RAY_NODE_PORTS, RAY_WORKER_PORTS
+from services.agent.rayjoin import AUTOSCALER_METRIC_PORT, RAY_NODE_PORTS, RAY_WORKER_PORTS
 from services.scheduler.cluster import ClusterConfig, NodeConfig, unused_ssh_fields
 from shared import natsauth, pki
 from shared.natsconf import Routes, Tls, server_config
@@ -47,6 +49,7 @@ class Plan:
     nats_port: int = 4222
     route_port: int = 6222
     monitor_port: int = 8222  # nats-server's HTTP monitoring, on loopback only; 0: off
+    http_port: int = 8443  # the head's gateway (HTTPS, OpenAI-compatible API, /metrics, dashboard)
 
     def node(self, name: str) -> NodeConfig:
         return next(n for n in self.cluster.nodes if n.name == name)
@@ -96,6 +99,11 @@ def _env_file(plan: Plan, node: NodeConfig) -> str:
         # The head's agent runs the Ray head on its cluster address; its inference service connects to it.
         lines["MAGI_RAY_HEAD_PORT"] = str(RAY_PORT)
         lines["MAGI_RAY_ADDRESS"] = f"{node.host}:{RAY_PORT}"
+        # Its gateway serves HTTPS on the cluster network (certificate from the cluster's CA); the key and
+        # the API keys come as systemd credentials (magi-service@gateway.service.d/http.conf).
+        lines["MAGI_HTTP_HOST"] = node.host
+        lines["MAGI_HTTP_PORT"] = str(plan.http_port)
+        lines["MAGI_HTTP_TLS_CERT"] = f"{plan.etc_of(node)}/tls/gateway.pem"
     else:
         lines["MAGI_RAY_JOIN"] = f"{plan.head.host}:{RAY_PORT}"
     header = (f"# MAGI environment of node {node.name} (written by `magi cluster init`; mode 600).\n"
@@ -106,7 +114,7 @@ def _env_file(plan: Plan, node: NodeConfig) -> str:
 
 def guarded_ports(plan: Plan) -> list[str]:
     """Ray's and the RPC shards' ports: no authentication of their own beyond Ray's token (RPC: none)."""
-    ray_node = sorted({RAY_PORT, *RAY_NODE_PORTS.values()})
+    ray_node = sorted({RAY_PORT, *RAY_NODE_PORTS.values(), AUTOSCALER_METRIC_PORT})
     return [f"{ray_node[0]}-{ray_node[-1]}", f"{RAY_WORKER_PORTS[0]}-{RAY_WORKER_PORTS[1]}", RPC_PORTS]
 
 
@@ -155,6 +163,7 @@ def init(directory: Path, plan: Plan) -> list[str]:
     identities = [*SERVICE_ROLES, *USER_ROLES, *(agent_identity(n.name) for n in plan.cluster.nodes)]
     users = {i: natsauth.ensure_seed(secrets_dir, i) for i in identities}
     token = _secret(secrets_dir / "ray-token", lambda: secrets.token_hex(32).encode())
+    _secret(secrets_dir / "api_key", lambda: (secrets.token_urlsafe(32) + "\n").encode())
     ca_pem, _ = pki.ensure_ca(ca_dir, plan.cluster.cluster.name)
     for node in plan.cluster.nodes:
         _node_folder(directory, plan, node, users, token, ca_pem)
@@ -175,6 +184,8 @@ def _node_folder(directory: Path, plan: Plan, node: NodeConfig, users: dict[str,
     if node.name == plan.head.name:
         for role in SERVICE_ROLES:
             natsauth.write_private(creds / f"{role}.nk", (secrets_dir / f"{role}.nk").read_bytes())
+        natsauth.write_private(creds / "api_keys", (secrets_dir / "api_key").read_bytes())
+        _gateway_certificate(directory, out, node)
     natsauth.write_private(creds / "ray-token", token)
     shutil.copyfile(ca_pem, out / "ca.pem")
     natsauth.write_private(out / "magi.env", _env_file(plan, node).encode())
@@ -197,12 +208,24 @@ def _node_folder(directory: Path, plan: Plan, node: NodeConfig, users: dict[str,
             routes=routes))
 
 
+def _gateway_certificate(directory: Path, out: Path, node: NodeConfig) -> None:
+    """The head's HTTPS certificate (kept across runs); its key goes with the credentials, not beside it."""
+    tls_dir = out / "tls"
+    if not (tls_dir / "gateway.pem").exists():
+        _, key = pki.issue(directory / "ca", tls_dir, "gateway", [node.host, node.name, "127.0.0.1", "localhost"])
+        natsauth.write_private(out / "credentials" / "gateway-key.pem", key.read_bytes())
+        key.unlink()
+
+
 def _operator_folder(out: Path, plan: Plan, ca_pem: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     for role in USER_ROLES:
         natsauth.write_private(out / f"{role}.nk", (out.parent / "secrets" / f"{role}.nk").read_bytes())
+    natsauth.write_private(out / "api_key", (out.parent / "secrets" / "api_key").read_bytes())
     shutil.copyfile(ca_pem, out / "ca.pem")
     natsauth.write_private(out / "magi.env", (
         "# The operator's workstation: `set -a; . ./magi.env; set +a`, then any `magi` command.\n"
         f"MAGI_NATS_URL={nats_urls(plan)}\nMAGI_NATS_CA={out.resolve() / 'ca.pem'}\n"
-        f"MAGI_NATS_CREDS={out.resolve() / 'admin.nk'}\n").encode())
+        f"MAGI_NATS_CREDS={out.resolve() / 'admin.nk'}\n"
+        "# The OpenAI-compatible API (key in ./api_key; clients verify it with ./ca.pem, e.g. SSL_CERT_FILE):\n"
+        f"MAGI_API_URL=https://{plan.head.host}:{plan.http_port}/v1\n").encode())

@@ -63,6 +63,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
     http_concurrency: Annotated[int, msgspec.Meta(ge=1)] = 64  # requests at once; more get 429 with Retry-After
+    # HTTPS for the gateway (a PEM certificate chain and its key); `magi cluster init` issues one from the
+    # cluster's CA for the head, whose gateway listens on the cluster network. Empty: plain HTTP (loopback).
+    http_tls_cert: str = ""
+    http_tls_key: str = ""
     api_keys_file: str = ""  # bearer API keys, one per line (or JSON); empty: `$MAGI_HOME/secrets/api_key`
 
     def nats_servers(self) -> list[str]:
@@ -122,6 +126,8 @@ _ENV = {
     "http_host": "MAGI_HTTP_HOST",
     "http_port": "MAGI_HTTP_PORT",
     "http_concurrency": "MAGI_HTTP_CONCURRENCY",
+    "http_tls_cert": "MAGI_HTTP_TLS_CERT",
+    "http_tls_key": "MAGI_HTTP_TLS_KEY",
     "api_keys_file": "MAGI_API_KEYS_FILE",
     "agent_lease_s": "MAGI_AGENT_LEASE_S",
     "sched_lease_s": "MAGI_SCHED_LEASE_S",

@@ -15,8 +15,11 @@ from shared.telemetry import setup_tracing
 
 log = logging.getLogger("magi.runner")
 
-# build(settings) returns the service plus an async cleanup to run after the service stops.
-Builder = Callable[[Settings], Awaitable[tuple[MagiService, Callable[[], Awaitable[None]]]]]
+# build(settings) returns the service plus an async cleanup to run after the service stops, and optionally a
+# third callable, run first on shutdown while the bus is still connected: a front door (the gateway's HTTP
+# server) stops taking work and finishes what it holds before the bus under it goes away.
+Step = Callable[[], Awaitable[None]]
+Builder = Callable[[Settings], Awaitable[tuple[MagiService, Step] | tuple[MagiService, Step, Step]]]
 
 
 async def _watchdog(interval: float) -> None:
@@ -33,7 +36,7 @@ def run_service(name: str, build: Builder, *, own_watchdog: bool = False) -> Non
     provider = setup_tracing(name, settings.home_path)
 
     async def serve() -> None:
-        service, cleanup = await build(settings)
+        service, cleanup, *first = await build(settings)
         pinger = None
         try:
             await service.start()
@@ -46,6 +49,8 @@ def run_service(name: str, build: Builder, *, own_watchdog: bool = False) -> Non
             sdnotify.notify("STOPPING=1")
             if pinger is not None:
                 pinger.cancel()
+            for stop_intake in first:
+                await stop_intake()
             await service.close()
             await cleanup()
             log.info("stopped", extra={"service": name})

@@ -30,6 +30,10 @@ RAY_NODE_PORTS = {"--node-manager-port": 6381, "--object-manager-port": 6382, "-
                   "--dashboard-agent-grpc-port": 6384, "--dashboard-agent-listen-port": 6385,
                   "--metrics-export-port": 6386}
 RAY_WORKER_PORTS = (10002, 10099)  # one per worker process
+# The head's autoscaler monitor serves Prometheus metrics on every interface (whenever prometheus-client is
+# installed, as it is for the gateway's /metrics) at a port set only by this variable: fixed here, beside
+# the other Ray ports, so each node's firewall keeps it to cluster members.
+AUTOSCALER_METRIC_PORT = 6387
 # MAGI passes prompts and text through Ray, never tensors: a small store instead of Ray's 30 % of RAM.
 OBJECT_STORE_BYTES = 256 * 1024 * 1024
 
@@ -75,7 +79,8 @@ def _common(settings: Settings, node: str) -> list[str]:
 
 # Token auth on; and Linux's default multi-node mode, undoing the single-node switch MAGI's local Ray
 # uses (an agent started beside a local stack may inherit it). Binding follows --node-ip-address.
-_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1"}
+_RAY_ENV = {"RAY_AUTH_MODE": "token", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "1",
+            "AUTOSCALER_METRIC_PORT": str(AUTOSCALER_METRIC_PORT)}
 
 
 def _ray_bin() -> str:

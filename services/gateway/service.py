@@ -46,18 +46,27 @@ def listen(host: str, port: int) -> socket.socket:
     return sock
 
 
-def base_url(host: str, port: int) -> str:
-    return f"http://{f'[{host}]' if ':' in host else host}:{port}/v1"
+def base_url(host: str, port: int, tls: bool = False) -> str:
+    return f"{'https' if tls else 'http'}://{f'[{host}]' if ':' in host else host}:{port}/v1"
+
+
+def tls_options(settings: Settings) -> dict[str, str]:
+    """uvicorn's TLS settings: both files or neither (half a pair is a configuration error, not plain HTTP)."""
+    cert, key = settings.http_tls_cert, settings.http_tls_key
+    if bool(cert) != bool(key):
+        raise StackError("set both MAGI_HTTP_TLS_CERT and MAGI_HTTP_TLS_KEY for HTTPS, or neither")
+    return {"ssl_certfile": cert, "ssl_keyfile": key} if cert else {}
 
 
 async def build(settings: Settings):
     service = MagiService("magi-gateway", VERSION, "OpenAI-compatible HTTP API over the bus", settings)
     nc = await service.connect()
     gateway = Gateway(settings, nc, ApiKeys(settings.api_keys_path()))
+    tls = tls_options(settings)
     sock = listen(settings.http_host, settings.http_port)
-    url = base_url(settings.http_host, sock.getsockname()[1])
+    url = base_url(settings.http_host, sock.getsockname()[1], bool(tls))
     config = uvicorn.Config(gateway.app(), log_config=None, access_log=False, lifespan="off", server_header=False,
-                            http="httptools", timeout_graceful_shutdown=5, timeout_keep_alive=30)
+                            http="httptools", timeout_graceful_shutdown=5, timeout_keep_alive=30, **tls)
     server = _Server(config)
     serving = asyncio.create_task(server.serve(sockets=[sock]))
     while not server.started:  # listening: only then does the micro service (readiness) register
@@ -74,11 +83,15 @@ async def build(settings: Settings):
 
     service.endpoint("magi.gateway.info", Empty, info)
 
-    async def cleanup() -> None:
+    async def stop_http() -> None:
+        """Before the bus closes: stop accepting, let requests in flight finish over the bus (uvicorn's
+        graceful timeout, then it cancels them), wait for the cancels those send."""
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(serving, 10)
         await gateway.close()
+
+    async def cleanup() -> None:
         sock.close()
 
-    return service, cleanup
+    return service, cleanup, stop_http

@@ -12,10 +12,12 @@ class Running:
         self.stops: dict[str, object] = {}
 
     async def start(self, name: str, module, settings: Settings) -> None:
-        service, cleanup = await module.build(settings)
+        service, cleanup, *first = await module.build(settings)
         await service.start()
 
         async def stop() -> None:
+            for stop_intake in first:
+                await stop_intake()
             await service.close()
             await cleanup()
 

@@ -4,12 +4,17 @@ loopback aliases of this machine, configured only by the files the command wrote
 from __future__ import annotations
 
 import asyncio
+import http.client
+import json
 import os
 import socket
+import ssl
 import stat
 import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import nats
@@ -100,11 +105,16 @@ def test_secrets_are_private_and_a_rerun_keeps_every_key(material):
     tmp, ports, _ = material
     out = tmp / "out"
     private = [*out.glob("secrets/*"), *out.glob("nodes/*/credentials/*"), *out.glob("nodes/*/magi.env"),
-               out / "ca" / "ca-key.pem", *out.glob("nodes/*/tls/*-key.pem"), *out.glob("operator/*.nk")]
+               out / "ca" / "ca-key.pem", *out.glob("nodes/*/tls/*-key.pem"), *out.glob("operator/*.nk"),
+               out / "operator" / "api_key"]
     assert len(private) > 20
     assert all(stat.S_IMODE(p.stat().st_mode) == 0o600 for p in private)
     assert {p.name for p in (out / "nodes" / "beta" / "credentials").iterdir()} == {"agent.nk", "ray-token"}
-    before = {p: p.read_bytes() for p in [*out.glob("secrets/*"), out / "ca" / "ca.pem"]}
+    head = {p.name for p in (out / "nodes" / "alpha" / "credentials").iterdir()}
+    assert {"gateway.nk", "api_keys", "gateway-key.pem"} <= head
+    assert not list(out.glob("nodes/*/tls/gateway-key.pem"))  # the key travels only as a credential
+    before = {p: p.read_bytes() for p in [*out.glob("secrets/*"), out / "ca" / "ca.pem",
+                                          out / "nodes" / "alpha" / "tls" / "gateway.pem"]}
     rerun = _magi(*ports["args"])
     assert rerun.returncode == 0, rerun.stderr
     assert all(p.read_bytes() == data for p, data in before.items())
@@ -118,6 +128,57 @@ def test_node_environment_names_the_cluster(material):
     assert env["MAGI_NATS_URL"] == ",".join(_url(ports, h) for h in HOSTS.values())
     assert env["RAY_AUTH_MODE"] == "token" and env["MAGI_RAY_JOIN"].startswith("127.0.0.2:")
     assert env["MAGI_STREAM_REPLICAS"] == "3"
+    assert "MAGI_HTTP_HOST" not in env  # only the head runs the gateway
+
+
+def _env_of(path: Path) -> dict[str, str]:
+    return dict(line.split("=", 1) for line in path.read_text().splitlines() if line and not line.startswith("#"))
+
+
+def _get(url: str, context: ssl.SSLContext | None, key: str = "") -> tuple[int, dict]:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {key}"} if key else {})
+    try:
+        with urllib.request.urlopen(request, context=context, timeout=10) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def test_the_heads_gateway_serves_https_on_the_cluster_address_with_its_keys(material, servers):
+    """The gateway started as its systemd unit would (magi.env plus the drop-in's credentials) answers HTTPS
+    that the operator's CA verifies, refuses plain HTTP, and wants the operator's key."""
+    tmp, ports, _ = material
+    node = tmp / "out" / "nodes" / "alpha"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MAGI_", "RAY_"))}
+    env.update(_env_of(node / "magi.env"))
+    port = _free_on_all([HOSTS["alpha"]])
+    env.update(MAGI_NATS_CREDS=str(node / "credentials" / "gateway.nk"), MAGI_HTTP_PORT=str(port),
+               MAGI_HTTP_TLS_KEY=str(node / "credentials" / "gateway-key.pem"),
+               MAGI_API_KEYS_FILE=str(node / "credentials" / "api_keys"), MAGI_HOME=str(tmp / "gw-home"))
+    assert env["MAGI_HTTP_HOST"] == HOSTS["alpha"]
+    log = open(tmp / "gateway.log", "ab")
+    proc = psutil.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=log, stderr=subprocess.STDOUT)
+    base = f"https://{HOSTS['alpha']}:{port}"
+    ca = str(tmp / "out" / "operator" / "ca.pem")
+    key = (tmp / "out" / "operator" / "api_key").read_text().strip()
+    try:
+        deadline = time.monotonic() + 30
+        while socket.socket().connect_ex((HOSTS["alpha"], port)) != 0:
+            assert time.monotonic() < deadline and proc.poll() is None, (tmp / "gateway.log").read_text()
+            time.sleep(0.1)
+        verified = ssl.create_default_context(cafile=ca)
+        assert _get(f"{base}/health", verified) == (200, {"status": "ok"})
+        assert _get(f"{base}/v1/models", verified)[0] == 401
+        # Authorized; with no inference service in this cluster the bus has no responder: 503, not 401.
+        assert _get(f"{base}/v1/models", verified, key)[0] == 503
+        with pytest.raises((urllib.error.URLError, http.client.HTTPException, ConnectionError)):
+            _get(f"http://{HOSTS['alpha']}:{port}/health", None)
+        with pytest.raises(urllib.error.URLError, match="CERTIFICATE_VERIFY_FAILED"):
+            _get(f"{base}/health", ssl.create_default_context())  # the system's CAs do not vouch for it
+        listening = {c.laddr.ip for c in proc.net_connections(kind="inet") if c.status == psutil.CONN_LISTEN}
+        assert listening == {HOSTS["alpha"]}, listening
+    finally:
+        stop_tree(proc.pid, grace=10)
 
 
 async def test_three_servers_form_a_cluster_with_r3_streams(material, servers):

