@@ -106,6 +106,11 @@ class EventStream(Response):
             pass
 
 
+async def _disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
 @dataclass
 class Choice:
     """One streamed generation of a request (a request with `n` choices, or several prompts, has several)."""
@@ -189,7 +194,8 @@ class Gateway:
                     payload = decoder.decode(body)
                 if not self.nc.is_connected:
                     raise errors.Unavailable("message bus unavailable")
-                response = await handler(payload)
+                response = await (self._unless_client_leaves(request, handler(payload)) if decoder is not None
+                                  else handler(payload))
                 if isinstance(response, EventStream):
                     handed_over = True  # the stream releases its slot when it ends
                     self.counters.streams += 1
@@ -203,6 +209,23 @@ class Gateway:
                     self._release()
 
         return endpoint
+
+    async def _unless_client_leaves(self, request: Request, work: Awaitable[Response]) -> Response:
+        """Run a handler while listening for the client's disconnect (the body is read, so the next ASGI
+        message is one): a client that leaves cancels the handler, and with it the generations it waits on."""
+        task = asyncio.ensure_future(work)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            gone.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.counters.cancelled += 1
+            return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
+        return task.result()
 
     def _stream_closed(self, complete: bool) -> None:
         if not complete:
@@ -276,11 +299,16 @@ class Gateway:
         if req.stream:
             return await self._stream(kind, req, cid, gens)
         timeout = self.generate_timeout + MARGIN_S
-        if len(gens) == 1:
-            replies = [await bus.request(self.nc, "magi.infer.generate", gens[0], GenerateReply, timeout=timeout)]
-        else:
-            replies = list(await asyncio.gather(*(bus.request(self.nc, "magi.infer.generate", g, GenerateReply,
-                                                              timeout=timeout) for g in gens)))
+        try:
+            if len(gens) == 1:
+                replies = [await bus.request(self.nc, "magi.infer.generate", gens[0], GenerateReply, timeout=timeout)]
+            else:
+                replies = list(await asyncio.gather(*(bus.request(self.nc, "magi.infer.generate", g, GenerateReply,
+                                                                  timeout=timeout) for g in gens)))
+        except asyncio.CancelledError:  # the client left: stop what it asked for
+            for g in gens:
+                self._background(self._cancel(g.request_id))
+            raise
         build = mapping.chat_completion if kind == "chat" else mapping.text_completion
         return json_response(build(cid, req.model, replies))
 
@@ -382,12 +410,14 @@ class Gateway:
                     await c.stream.aclose()
         for c in choices:
             if not c.done and c.stream is not None:
-                try:
-                    await bus.request(self.nc, "magi.infer.cancel", CancelRequest(request_id=c.request.request_id),
-                                      CancelReply, timeout=5)
-                except errors.MagiError as exc:
-                    log.warning("could not cancel a generation", extra={"request_id": c.request.request_id,
-                                                                        "error": exc.message})
+                await self._cancel(c.request.request_id)
+
+    async def _cancel(self, request_id: str) -> None:
+        try:
+            await bus.request(self.nc, "magi.infer.cancel", CancelRequest(request_id=request_id), CancelReply,
+                              timeout=5)
+        except errors.MagiError as exc:
+            log.warning("could not cancel a generation", extra={"request_id": request_id, "error": exc.message})
 
     # ---- missions --------------------------------------------------------------------------------
 

@@ -218,6 +218,22 @@ async def test_closing_a_stream_cancels_its_generation(client, nc):
     assert after.cancelled == before.cancelled + 1 and after.in_flight == 0
 
 
+async def test_a_client_leaving_a_non_streamed_request_cancels_its_generation(gateway_url, api_key, nc):
+    before = await bus.request(nc, "magi.gateway.info", b"{}", GatewayInfo, timeout=5)
+    body = json.dumps({"model": MODEL, "max_tokens": 1500, "temperature": 0.8,
+                       "messages": [{"role": "user", "content": "Write a very long story about a dragon."}]}).encode()
+    with pytest.raises(TimeoutError):  # the client gives up after 1.5 s and closes its connection
+        await asyncio.to_thread(_raw, gateway_url, "POST", "/chat/completions", body, api_key, 1.5)
+    started = time.monotonic()
+    while await _in_flight(nc) and time.monotonic() - started < 10:
+        await asyncio.sleep(0.05)
+    # 1500 tokens take tens of seconds here: back to idle this soon means the generation was stopped.
+    assert await _in_flight(nc) == 0, "the generation was not cancelled"
+    assert time.monotonic() - started < 5
+    after = await bus.request(nc, "magi.gateway.info", b"{}", GatewayInfo, timeout=5)
+    assert after.cancelled == before.cancelled + 1 and after.in_flight == 0
+
+
 @pytest.fixture
 def tiny_gateway(magi_stack):
     """A second gateway on the same bus that serves one request at a time."""
