@@ -19,11 +19,25 @@ args="${MAGI_LLAMA_CMAKE_ARGS:-$args}"
 key=$(printf '%s %s' "$version" "$args" | sha256sum | cut -c1-12)
 house="${MAGI_WHEELHOUSE:-${XDG_CACHE_HOME:-$HOME/.cache}/magi/wheels}/llama-cpp-python-$key"
 
-if ! ls "$house"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+# The compile is quiet under pip unless -v; its output goes to a log and build-progress.py turns ninja's
+# [n/N] steps into a progress line with the elapsed time (a heartbeat every 30 s while it is silent).
+build_wheel() {
+    local tmp="$house.tmp" log="$house.tmp/build.log" started=$SECONDS
+    rm -rf "$tmp" && mkdir -p "$tmp"
     echo "building llama-cpp-python $version ($args): about 15 minutes on 2 cores, once per machine" >&2
+    if ! CMAKE_ARGS="$args" "$venv_bin/pip" wheel -v --no-deps --no-cache-dir -w "$tmp" "llama-cpp-python==$version" 2>&1 \
+            | "$venv_bin/python" "$(dirname "$0")/build-progress.py" "$log"; then
+        echo "llama-cpp-python build failed after $((SECONDS - started)) s; the end of $log:" >&2
+        tail -n 40 "$log" >&2
+        return 1
+    fi
     mkdir -p "$house"
-    CMAKE_ARGS="$args" "$venv_bin/pip" wheel --quiet --no-deps --no-cache-dir -w "$house.tmp" "llama-cpp-python==$version"
-    mv "$house.tmp"/llama_cpp_python-*.whl "$house"/ && rmdir "$house.tmp"
+    mv "$tmp"/llama_cpp_python-*.whl "$house"/ && rm -rf "$tmp"
+    echo "built llama-cpp-python in $((SECONDS - started)) s" >&2
+}
+
+if ! ls "$house"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    build_wheel
 fi
 "$venv_bin/pip" uninstall --quiet --yes llama-cpp-python 2>/dev/null || true
 "$venv_bin/pip" install --quiet "$house"/llama_cpp_python-*.whl
