@@ -35,6 +35,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.sched.assignments.<node>": (sched.AssignmentsRequest, sched.AssignmentsReply),
     "magi.node.<node>.heartbeat": (node.Heartbeat, None),
     "magi.node.<node>.info": (common.Empty, node.Heartbeat),
+    "magi.node.<node>.logs": (node.LogsRequest, node.LogsReply),
     "magi.gateway.info": (common.Empty, gateway.GatewayInfo),
     "error": (common.ErrorReply, None),
 }

@@ -6,6 +6,10 @@ import msgspec
 
 Health = Literal["HEALTHY", "DEGRADED", "UNAVAILABLE", "MAINTENANCE"]
 
+# Header of each line an agent publishes on `magi.node.<node>.logs.<instance>`: the log file's offset just
+# past that line, so a reader joins a tail (`InstanceLog.offset`) to the live lines without a repeat.
+LOG_OFFSET_HEADER = "Magi-Log-Offset"
+
 
 class GpuInfo(msgspec.Struct, kw_only=True):
     name: str
@@ -82,3 +86,22 @@ class ClusterReport(msgspec.Struct, kw_only=True):
     total_instances: int
     nodes: list[NodeReport]
     warnings: list[str] = []
+
+
+class LogsRequest(msgspec.Struct, kw_only=True):
+    """`magi.node.<node>.logs`: the last lines of instances' output, read by the node's agent from its files."""
+
+    instance: str = ""  # empty: every instance with a log on this node
+    lines: Annotated[int, msgspec.Meta(ge=0, le=10_000)] = 100
+
+
+class InstanceLog(msgspec.Struct, kw_only=True):
+    instance_id: str
+    lines: list[str] = []
+    # Bytes of the log read: a follower drops published lines whose LOG_OFFSET_HEADER is at or below it.
+    offset: int = 0
+
+
+class LogsReply(msgspec.Struct, kw_only=True):
+    node: str
+    logs: list[InstanceLog] = []

@@ -1,4 +1,5 @@
-"""Heartbeats on `magi.node.<node>.heartbeat`; the latest sample on `magi.node.<node>.info`."""
+"""Heartbeats on `magi.node.<node>.heartbeat`; the latest sample on `magi.node.<node>.info`; the tail of
+its instances' logs on `magi.node.<node>.logs` (their live lines: `magi.node.<node>.logs.<instance>`)."""
 
 from __future__ import annotations
 
@@ -11,15 +12,15 @@ import time
 import msgspec
 
 from protos.common import Empty
-from protos.node import Heartbeat
+from protos.node import Heartbeat, InstanceLog, LogsReply, LogsRequest
 from protos.sched import AssignmentsReply, AssignmentsRequest
 from services.agent.policy import load_policy
 from services.agent.rayjoin import own_specs
 from services.agent.resources import prime_cpu_percent, sample
-from services.agent.supervisor import Supervisor
+from services.agent.supervisor import Supervisor, read_tail
 from shared import bus, sdnotify
 from shared.config import Settings
-from shared.errors import BadRequest, MagiError
+from shared.errors import BadRequest, MagiError, NotFound
 from shared.roles import agent_identity
 from shared.service import MagiService, RequestContext
 
@@ -30,6 +31,8 @@ log = logging.getLogger("magi.agent")
 # The node name becomes one token of NATS subjects: no dots, spaces or wildcards.
 _NODE_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 _encoder = msgspec.json.Encoder()
+# A logs reply stays well under NATS's default 1 MiB payload, however many instances it covers.
+LOGS_REPLY_BYTES = 512 * 1024
 
 
 def node_name(settings: Settings) -> str:
@@ -84,8 +87,8 @@ class Agent:
         self.fenced = False
         self.refusing = ""  # why the last reply was not acted on, logged once until one is
 
-    async def _publish(self, subject: str, data: bytes) -> None:
-        await self.service.nc.publish(subject, data)
+    async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
+        await self.service.nc.publish(subject, data, headers=headers)
 
     async def _sample(self) -> Heartbeat:
         hb = await asyncio.to_thread(sample, self.node, self.seq, [], home=self.home)
@@ -195,6 +198,22 @@ class Agent:
         # Before the first beat, a fresh sample (not published: the heartbeat stream stays the loop's).
         return self.latest or await self._sample()
 
+    async def logs(self, req: LogsRequest, ctx: RequestContext) -> LogsReply:
+        """The last lines of one instance's log, or of every instance that has one on this node."""
+        folder = self.supervisor.logs
+        if req.instance:
+            if "/" in req.instance or req.instance.startswith("."):
+                raise BadRequest(f"{req.instance!r} is not an instance id", field="instance")
+            if not (folder / f"{req.instance}.log").exists():
+                raise NotFound(f"no log of instance {req.instance} on node {self.node}")
+            ids = [req.instance]
+        else:
+            ids = sorted(p.stem for p in folder.glob("*.log"))
+        budget = max(16 * 1024, LOGS_REPLY_BYTES // max(1, len(ids)))
+        tails = await asyncio.to_thread(lambda: [read_tail(folder / f"{i}.log", req.lines, budget) for i in ids])
+        return LogsReply(node=self.node, logs=[InstanceLog(instance_id=i, lines=lines, offset=offset)
+                                               for i, (lines, offset) in zip(ids, tails)])
+
     async def start(self) -> None:
         if self.local:  # before any scheduler answers, so a node joins Ray even with none up yet
             await self.supervisor.reconcile(self.local, self.epoch)
@@ -219,6 +238,7 @@ async def build(settings: Settings):
     service = MagiService(NAME, VERSION, f"Node agent of {node}", settings, identity=agent_identity(node))
     agent = Agent(service, node, settings)
     service.endpoint(f"magi.node.{node}.info", Empty, agent.info)
+    service.endpoint(f"magi.node.{node}.logs", LogsRequest, agent.logs)
     await service.connect()
     await agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
     if settings.agent_lease_s and settings.agent_lease_s < agent.lease_s:

@@ -2,8 +2,10 @@
 
 This replaces seed 002's SSH RemoteRunner: the agent on the node starts the process itself, keeps
 its output in `$MAGI_HOME/instances/<id>.log` and publishes each line on
-`magi.node.<node>.logs.<instance>`. An instance that keeps failing is backed off exponentially and,
-after CRASHLOOP_FAILURES failures inside CRASHLOOP_WINDOW_S, left stopped and reported as `crashloop`.
+`magi.node.<node>.logs.<instance>` with the file offset just past it (LOG_OFFSET_HEADER), so `magi logs -f`
+joins the file's tail (`read_tail`) to the live lines without a repeat. An instance that keeps failing is
+backed off exponentially and, after CRASHLOOP_FAILURES failures inside CRASHLOOP_WINDOW_S, left stopped
+and reported as `crashloop`.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Awaitable, Callable
 
-from protos.node import InstanceStatus
+from protos.node import LOG_OFFSET_HEADER, InstanceStatus
 from protos.sched import InstanceSpec
 from services.agent.policy import AgentPolicy
 
@@ -30,7 +32,7 @@ CRASHLOOP_FAILURES = 5
 CRASHLOOP_WINDOW_S = 60.0
 STOP_GRACE_S = 5.0
 
-Publish = Callable[[str, bytes], Awaitable[None]]
+Publish = Callable[[str, bytes, dict[str, str]], Awaitable[None]]
 
 
 @dataclass
@@ -127,7 +129,7 @@ class Supervisor:
                 out.write(line)
                 out.flush()
                 try:
-                    await self.publish(subject, line.rstrip(b"\n"))
+                    await self.publish(subject, line.rstrip(b"\n"), {LOG_OFFSET_HEADER: str(out.tell())})
                 except Exception:  # the bus being away must not block the instance's output
                     pass
 
@@ -177,6 +179,26 @@ class Supervisor:
 
     async def _stop_many(self, instance_ids: list[str]) -> None:
         await asyncio.gather(*(self.stop(i) for i in instance_ids))
+
+
+def read_tail(path: Path, lines: int, max_bytes: int) -> tuple[list[str], int]:
+    """The last `lines` complete lines of a log (at most `max_bytes` of them) and the offset they end at.
+
+    A line still being written (no newline yet) is left out, and the offset ends before it: the follower
+    gets it live. Output is decoded leniently: an instance may print any bytes.
+    """
+    with path.open("rb") as log_file:
+        end = os.fstat(log_file.fileno()).st_size
+        start = max(0, end - max_bytes)
+        log_file.seek(start)
+        data = log_file.read(end - start)
+    complete = data[:data.rfind(b"\n") + 1]
+    offset = start + len(complete)
+    kept = complete.splitlines()
+    if start > 0 and kept:
+        kept = kept[1:]  # the first line read may be the end of a longer one
+    kept = kept[-lines:] if lines else []
+    return [line.decode(errors="replace") for line in kept], offset
 
 
 _PR_SET_PDEATHSIG = 1

@@ -33,7 +33,7 @@ def published():
 
 @pytest.fixture
 async def supervisor(tmp_path, published):
-    async def publish(subject, data):
+    async def publish(subject, data, headers=None):
         published.append((subject, data))
 
     s = sup.Supervisor("n1", tmp_path, publish, AgentPolicy(programs=[sys.executable], env=["EXP_*"]))
@@ -124,7 +124,7 @@ async def test_stubborn_instances_are_stopped_together_not_one_after_another(sup
 
 
 async def test_instances_are_told_their_epoch_and_id(tmp_path, published):
-    async def publish(subject, data):
+    async def publish(subject, data, headers=None):
         published.append((subject, data))
 
     show = [sys.executable, "-c", "import os; print(os.environ['MAGI_EPOCH'], os.environ['MAGI_INSTANCE_ID'], "
