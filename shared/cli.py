@@ -1,34 +1,61 @@
-"""`magi`: the command line for the local stack and for any running MAGI cluster."""
+"""`magi`: the command line for the local stack and for any running MAGI cluster.
+
+Exit status: 0 done; 1 the operation failed (a service refused or could not do it); 2 a usage error (bad
+arguments, or a request the bus or a service rejected as malformed or not allowed for this `--role`);
+3 unavailable (NATS or a service not reachable or not answering in time; `magi status` with a service
+down). Every read command prints JSON with `--json`.
+"""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import json
+import os
 import sys
 import textwrap
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import msgspec
 
 from shared import bus, stack
-from shared.config import load_settings
-from shared.errors import MagiError
-from shared.logs import quiet_tls_eof
+from shared.config import Settings, load_settings
+from shared.errors import BadRequest, DeadlineExceeded, Forbidden, MagiError, Unavailable
+from shared.logs import setup_cli_logging
 from shared.roles import ROLES
-from shared.table import render
+from shared.table import Steps, Tally, render
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
+
+
+def exit_code(exc: MagiError) -> int:
+    """The one place typed errors become exit statuses (see the module docstring)."""
+    if isinstance(exc, (BadRequest, Forbidden)):
+        return EXIT_USAGE
+    if isinstance(exc, (Unavailable, DeadlineExceeded)):
+        return EXIT_UNAVAILABLE
+    return EXIT_FAILED
 
 
 def progress(message: str) -> None:
     print(f"... {message}", file=sys.stderr, flush=True)
 
 
-def _settings(args):
+def _settings(args) -> Settings:
+    """Settings from the environment, then `--home`, then the NATS URL: `--nats-url`, else MAGI_NATS_URL,
+    else the URL of the stack `magi up` started under that home, else the default."""
     settings = load_settings()
+    changes = {}
     if getattr(args, "home", None):
-        settings = msgspec.structs.replace(settings, home=args.home)
-    return settings
+        changes["home"] = args.home
+    if getattr(args, "nats_url", None):
+        changes["nats_url"] = args.nats_url
+    elif not os.environ.get("MAGI_NATS_URL") and args.command != "up":
+        state = stack.read_state(Path(changes.get("home", settings.home)).resolve())
+        if state is not None:
+            changes["nats_url"] = state.nats_url
+    return msgspec.structs.replace(settings, **changes) if changes else settings
 
 
 # The bus identity of this invocation (`--role`, default admin), set once in main().
@@ -48,10 +75,11 @@ def _emit(obj, as_json: bool) -> bool:
 # ---- stack ---------------------------------------------------------------------------------------
 
 def cmd_up(args) -> int:
-    settings = _settings(args)
+    settings = _CONTEXT["settings"]
     cfg = stack.StackConfig.from_settings(settings, nats_port=args.nats_port, redis_port=args.redis_port,
                                           tls=args.tls or None)
-    state = asyncio.run(stack.up(cfg, progress))
+    with Steps() as steps:
+        state = asyncio.run(stack.up(cfg, steps))
     print(f"MAGI is up: NATS {state.nats_url}, logs in {cfg.home / 'logs'}")
     if state.http_url:
         print(f"OpenAI-compatible API on {state.http_url} (bearer key in {cfg.api_key_file})")
@@ -61,18 +89,23 @@ def cmd_up(args) -> int:
 
 
 def cmd_down(args) -> int:
-    home = _settings(args).home_path
-    if not stack.down(home, progress):
-        print(f"no stack recorded under {home}")
-        return 0
-    print("MAGI is down")
+    home = _CONTEXT["settings"].home_path
+    with Steps() as steps:
+        stopped = stack.down(home, steps)
+    print("MAGI is down" if stopped else f"no stack recorded under {home}")
     return 0
 
 
-async def _ping_services() -> dict[str, dict]:
+# What answers `$SRV.PING` on a working cluster when no local stack says otherwise (agents and the gateway
+# are counted when they answer; a cluster may run no gateway).
+CORE_SERVICES = ("scheduler", "inference", "memory", "consensus", "orchestrator")
+
+
+async def _ping_services() -> list[dict]:
+    """Every micro service answering `$SRV.PING` within half a second: name, id, version."""
     nc = await _connect()
     try:
-        replies = {}
+        replies = []
         sub = await nc.subscribe(nc.new_inbox())
         await nc.publish("$SRV.PING", b"", reply=sub.subject)
         deadline = asyncio.get_running_loop().time() + 0.5
@@ -82,26 +115,52 @@ async def _ping_services() -> dict[str, dict]:
             except Exception:
                 break
             info = json.loads(msg.data)
-            replies[f"{info['name']}/{info['id'][:6]}"] = info
-        return replies
+            replies.append({"name": info["name"], "id": info["id"], "version": info.get("version", "")})
+        return sorted(replies, key=lambda r: (r["name"], r["id"]))
     finally:
         await nc.close()
 
 
-def cmd_status(args) -> int:
-    settings = _settings(args)
-    processes = stack.status(settings.home_path)
-    rows = [[name, pid, "running" if alive else "stopped", restarts] for name, pid, alive, restarts in processes]
-    if rows:
-        print(render(["component", "pid", "state", "restarts"], rows))
+def _expected_services(home: Path) -> list[str]:
+    state = stack.read_state(home)
+    if state is None:
+        return [f"magi-{name}" for name in CORE_SERVICES]
+    return [f"magi-{c.name}" for c in state.components if c.name in stack.SERVICES]
+
+
+def status_report(settings: Settings) -> dict:
+    """The local stack's processes and the services answering on the bus; `ok` only if all are up."""
+    processes = [{"name": name, "pid": pid, "state": "running" if alive else "stopped", "restarts": restarts}
+                 for name, pid, alive, restarts in stack.status(settings.home_path)]
+    report = {"nats_url": settings.nats_url, "processes": processes, "services": [], "missing": [], "error": ""}
     try:
-        services = asyncio.run(_ping_services())
+        report["services"] = asyncio.run(_ping_services())
     except MagiError as exc:
-        print(exc.message)
-        return 1
-    print()
-    print(render(["service", "version"], [[k, v["version"]] for k, v in sorted(services.items())]))
-    return 0 if all(alive for _, _, alive, _ in processes) else 1  # a process down is a failing status
+        report["error"] = exc.message
+    answering = {s["name"] for s in report["services"]}
+    report["missing"] = [name for name in _expected_services(settings.home_path) if name not in answering]
+    report["ok"] = not report["error"] and not report["missing"] and all(p["state"] == "running" for p in processes)
+    return report
+
+
+def print_services(services: list[dict]) -> None:
+    print(render(["service", "id", "version"], [[s["name"], s["id"][:8], s["version"]] for s in services]))
+
+
+def cmd_status(args) -> int:
+    report = status_report(_CONTEXT["settings"])
+    if not _emit(report, args.json):
+        if report["processes"]:
+            print(render(["component", "pid", "state", "restarts"],
+                         [[p["name"], p["pid"], p["state"], p["restarts"]] for p in report["processes"]]))
+            print()
+        if report["error"]:
+            print(f"magi status: {report['error']}", file=sys.stderr)
+        else:
+            print_services(report["services"])
+        if report["missing"]:
+            print(("" if report["error"] else "\n") + f"not answering: {', '.join(report['missing'])}")
+    return EXIT_OK if report["ok"] else EXIT_UNAVAILABLE
 
 
 # ---- requests --------------------------------------------------------------------------------------
@@ -117,30 +176,14 @@ async def _call(subject: str, payload, reply_type, timeout: float):
 async def _mission_with_progress(request, timeout: float):
     from shared.mission_client import clone_count, run_mission
 
-    progress(f"running mission with {clone_count(request)} clones")
-    nc = await _connect()
-    try:
-        return await run_mission(nc, request, progress, timeout=timeout)
-    finally:
-        await nc.close()
-
-
-async def _stream_chat(request):
-    """Print the answer as its tokens arrive; return the final reply (with usage and replica)."""
-    from protos.infer import GenerateReply, StreamChunk
-
-    nc = await _connect()
-    try:
-        stream = bus.stream_request(nc, "magi.infer.generate", request, StreamChunk, GenerateReply, timeout=120)
-        async with contextlib.aclosing(stream):
-            async for item in stream:
-                if isinstance(item, StreamChunk):
-                    print(item.text, end="", flush=True)
-                else:
-                    print()
-                    return item
-    finally:
-        await nc.close()
+    total = clone_count(request)
+    with Tally("clones", total) as tally:
+        tally.note(f"running mission {request.mission_id} with {total} clones")
+        nc = await _connect()
+        try:
+            return await run_mission(nc, request, tally, timeout=timeout)
+        finally:
+            await nc.close()
 
 
 async def _raw_request(subject: str, payload: bytes, timeout: float):
@@ -181,20 +224,35 @@ def cmd_report(args) -> int:
     from protos.node import ClusterReport
 
     reply = asyncio.run(_call("magi.sched.report", b"{}", ClusterReport, 5))
-    _emit(reply, True)
+    if not _emit(reply, args.json):
+        rows = [[n.name, n.status, f"{n.instances}/{n.max_instances}",
+                 f"{n.ram_allocated_gb:.1f}/{n.ram_total_gb:.1f}", f"{n.ram_utilization_percent:.0f}%",
+                 "yes" if n.gpu else "no"] for n in reply.nodes]
+        print(render(["node", "status", "instances", "ram GB allocated", "ram", "gpu"], rows,
+                     title=f"{reply.total_nodes} nodes, {reply.total_instances} instances at {reply.timestamp}"))
+        for warning in reply.warnings:
+            print(f"warning: {warning}")
     return 0
 
 
-def cmd_models(args) -> int:
+def _models():
     from protos.infer import ModelsReply
 
-    reply = asyncio.run(_call("magi.infer.models", b"{}", ModelsReply, 5))
+    return asyncio.run(_call("magi.infer.models", b"{}", ModelsReply, 5))
+
+
+def print_models(reply) -> None:
+    rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.pid, r.restarts, r.in_flight, m.queued,
+             r.served, r.tokens_per_s, f"{r.utilisation:.0%}", " ".join(r.shards) or "-"]
+            for m in reply.models for r in m.replicas]
+    print(render(["model", "roles", "replica", "node", "state", "pid", "restarts", "in flight", "queued",
+                  "served", "tok/s", "busy", "rpc shards"], rows))
+
+
+def cmd_models(args) -> int:
+    reply = _models()
     if not _emit(reply, args.json):
-        rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.pid, r.restarts, r.in_flight, m.queued,
-                 r.served, r.tokens_per_s, f"{r.utilisation:.0%}", " ".join(r.shards) or "-"]
-                for m in reply.models for r in m.replicas]
-        print(render(["model", "roles", "replica", "node", "state", "pid", "restarts", "in flight", "queued",
-                      "served", "tok/s", "busy", "rpc shards"], rows))
+        print_models(reply)
     return 0
 
 
@@ -250,28 +308,84 @@ def cmd_result(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from protos.infer import ChatMessage, GenerateRequest
+    from shared.cli_chat import Chat, interactive
 
-    history: list[ChatMessage] = []
-    prompts = [args.prompt] if args.prompt else None
-    while True:
-        text = prompts.pop(0) if prompts else (None if prompts is not None else _read_line())
-        if not text:
-            return 0
-        history.append(ChatMessage(role="user", content=text))
-        request = GenerateRequest(model=args.model, role=args.model_role, messages=history, max_tokens=args.max_tokens,
-                                  stream=True)
-        reply = asyncio.run(_stream_chat(request))
-        history.append(ChatMessage(role="assistant", content=reply.text))
-        print(f"  [{reply.replica} on {reply.node}, {reply.usage.completion_tokens} tokens, {reply.latency_ms:.0f} ms]",
-              file=sys.stderr)
+    chat = Chat(_connect, model=args.model, role=args.model_role, max_tokens=args.max_tokens)
+    if args.prompt:
+        chat.turn(args.prompt)
+        return 0
+
+    def status() -> None:
+        print_services(asyncio.run(_ping_services()))
+
+    def models() -> None:
+        print_models(_models())
+
+    history = _CONTEXT["settings"].home_path / "chat_history"
+    return interactive(chat, {"/status": status, "/models": models}, history)
 
 
-def _read_line() -> str | None:
+# ---- logs ------------------------------------------------------------------------------------------
+
+def _log_line(node: str, instance: str, line: str, *, as_json: bool, prefix: bool) -> None:
+    if as_json:
+        print(json.dumps({"node": node, "instance": instance, "line": line}), flush=True)
+    else:
+        print(f"{instance} | {line}" if prefix else line, flush=True)
+
+
+async def _logs(args) -> None:
+    """The tail the node's agent keeps in its files; with --follow, then every new line as it is published.
+
+    The subscription starts before the tail is read, and each published line carries its offset in the
+    file, so lines written meanwhile appear once: in the tail or live, never both, never neither."""
+    from protos.node import LOG_OFFSET_HEADER, LogsReply, LogsRequest
+
+    node, instance = args.node, args.instance or ""
+    prefix = not instance
+    nc = await _connect()
     try:
-        return input("you> ").strip() or None
-    except EOFError:
-        return None
+        live: asyncio.Queue = asyncio.Queue()
+        if args.follow:
+            subject = f"magi.node.{node}.logs.{instance or '*'}"
+
+            async def queue(msg) -> None:
+                live.put_nowait(msg)
+
+            await nc.subscribe(subject, cb=queue)
+            await nc.flush()
+            if bus.refused(nc, subject):
+                raise Forbidden(f"the {_CONTEXT['role']!r} identity may not read {subject}")
+        seen: dict[str, int] = {}
+        try:
+            reply = await bus.request(nc, f"magi.node.{node}.logs", LogsRequest(instance=instance, lines=args.lines),
+                                      LogsReply, timeout=10)
+        except MagiError as exc:
+            if not args.follow or isinstance(exc, Forbidden):
+                raise
+            print(f"magi logs: no earlier lines ({exc.message}); following", file=sys.stderr)
+        else:
+            if not reply.logs:
+                print(f"magi logs: node {node} has no instance logs", file=sys.stderr)
+            for log in reply.logs:
+                seen[log.instance_id] = log.offset
+                for line in log.lines:
+                    _log_line(node, log.instance_id, line, as_json=args.json, prefix=prefix)
+        while args.follow:
+            msg = await live.get()
+            name = msg.subject.rsplit(".", 1)[-1]
+            offset = int((msg.headers or {}).get(LOG_OFFSET_HEADER, 0) or 0)
+            if name in seen and offset <= seen[name]:
+                continue  # already printed with the tail
+            seen.pop(name, None)
+            _log_line(node, name, msg.data.decode(errors="replace"), as_json=args.json, prefix=prefix)
+    finally:
+        await nc.close()
+
+
+def cmd_logs(args) -> int:
+    asyncio.run(_logs(args))
+    return 0
 
 
 def _json_object(text: str) -> dict:
@@ -404,7 +518,7 @@ def cmd_place(args) -> int:
     else:
         rows = [[i, n] for i, n in sorted(result.placements.items())] + [[i, f"UNPLACED: {r}"] for i, r in sorted(result.unplaced.items())]
         print(render(["instance", "node"], rows))
-    return 0 if not result.unplaced else 3
+    return EXIT_OK if not result.unplaced else EXIT_FAILED
 
 
 def cmd_agent(args) -> int:
@@ -455,7 +569,15 @@ def cmd_cluster_init(args) -> int:
 def cmd_demo(args) -> int:
     from shared.demo_run import run_demo
 
-    return run_demo(_settings(args), keep=args.keep, progress=progress)
+    return run_demo(_CONTEXT["settings"], keep=args.keep)
+
+
+def cmd_completion(args) -> int:
+    """A script that makes the shell complete magi's commands and options (argcomplete calls back into magi)."""
+    import argcomplete
+
+    print(argcomplete.shellcode(["magi"], shell=args.shell), end="")
+    return 0
 
 
 def cmd_bench(args) -> int:
@@ -472,45 +594,96 @@ def cmd_protos(args) -> int:
     return 0
 
 
+def _version() -> str:
+    try:
+        return version("magi")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown"
+
+
+def _common() -> argparse.ArgumentParser:
+    """Options every command takes: where the state is, which bus, as whom."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--home", help="state directory (default MAGI_HOME or .magi): credentials, and the NATS "
+                                       "URL of the stack `magi up` started there")
+    common.add_argument("--nats-url", help="NATS server(s), comma-separated (default MAGI_NATS_URL, else the "
+                                           "stack's under --home, else nats://127.0.0.1:4222)")
+    common.add_argument("--role", dest="bus_role", default="admin", choices=[r for r in ROLES if r != "agent"],
+                        help="bus identity to connect as (default admin; its seed: MAGI_NATS_CREDS or "
+                             "$MAGI_HOME/secrets/nats/<role>.nk)")
+    return common
+
+
+# Commands that read and print something: each takes --json (a test holds every one of them to it).
+READ_COMMANDS = ("status", "nodes", "report", "models", "logs", "mission", "result", "memory", "history", "place",
+                 "drain", "undrain")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="magi", description="MAGI shadow clones over NATS")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = argparse.ArgumentParser(prog="magi", description="MAGI shadow clones over NATS",
+                                     epilog="exit status: 0 ok, 1 failed, 2 usage, 3 unavailable")
+    parser.add_argument("--version", action="version", version=f"magi {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    common = _common()
 
     def add(name, func, help_):
-        p = sub.add_parser(name, help=help_)
+        p = sub.add_parser(name, help=help_, description=help_, parents=[common])
         p.set_defaults(func=func)
-        p.add_argument("--home", help="state directory (default MAGI_HOME or .magi)")
-        p.add_argument("--role", dest="bus_role", default="admin", choices=[r for r in ROLES if r != "agent"],
-                       help="bus identity to connect as (default admin; its seed: MAGI_NATS_CREDS or "
-                            "$MAGI_HOME/secrets/nats/<role>.nk)")
+        if name in READ_COMMANDS:
+            p.add_argument("--json", action="store_true", help="print JSON instead of text")
         return p
 
+    _stack_commands(add)
+    _cluster_commands(add)
+    _mission_commands(add)
+    _operator_commands(add)
+    return parser
+
+
+def _stack_commands(add) -> None:
     p = add("up", cmd_up, "start the local stack (NATS, Redis, PostgreSQL, every service)")
     p.add_argument("--nats-port", type=int)
     p.add_argument("--redis-port", type=int)
     p.add_argument("--tls", action="store_true", help="clients must use TLS (CA in $MAGI_HOME/secrets/tls/ca.pem)")
     add("down", cmd_down, "stop the local stack")
-    add("status", cmd_status, "stack processes and the services answering $SRV.PING")
-    for name, func, help_ in (("nodes", cmd_nodes, "nodes the scheduler knows"), ("models", cmd_models, "models and replicas")):
-        add(name, func, help_).add_argument("--json", action="store_true")
+    add("status", cmd_status, "stack processes and the services answering $SRV.PING (exit 3 if any is down)")
+    add("demo", cmd_demo, "start the stack, run the seed mission, stop").add_argument(
+        "--keep", action="store_true", help="leave the stack running afterwards")
+
+
+def _cluster_commands(add) -> None:
+    add("nodes", cmd_nodes, "nodes the scheduler knows")
+    add("models", cmd_models, "models and replicas")
+    add("report", cmd_report, "the cluster resource report")
+    p = add("logs", cmd_logs, "an instance's output: the last lines its node keeps, and with -f every new one")
+    p.add_argument("node", help="the node the instance runs on")
+    p.add_argument("instance", nargs="?", default="", help="instance id (default: every instance on the node)")
+    p.add_argument("-f", "--follow", action="store_true", help="keep printing lines as they are written")
+    p.add_argument("-n", "--lines", type=int, default=100, help="earlier lines to print first (default 100)")
     add("agent", cmd_agent, "run this node's agent (foreground)").add_argument("--node", help="node name")
     for verb, help_ in (("drain", "no new placements on NODE; move its instances off"),
                         ("undrain", "let NODE take placements again")):
-        p = add(verb, cmd_drain, help_)
-        p.add_argument("node")
-        p.add_argument("--json", action="store_true")
+        add(verb, cmd_drain, help_).add_argument("node")
     add("validate-config", cmd_validate_config, "check a cluster or instances file; every problem with its path"
         ).add_argument("file")
     p = add("place", cmd_place, "plan placements offline (no service needed)")
     p.add_argument("--config", required=True, help="CLUSTER.yaml")
     p.add_argument("--instances", required=True, help="INSTANCES.yaml (a list under `instances:`)")
     p.add_argument("--placement", help="explicit placements: a:jetson,b:rpi1")
-    p.add_argument("--json", action="store_true")
-    p = add("req", cmd_req, "send a raw request, like `nats req SUBJECT JSON`")
-    p.add_argument("subject")
-    p.add_argument("payload", nargs="?", default="{}")
-    p.add_argument("--timeout", type=float, default=130.0)
-    add("report", cmd_report, "the cluster resource report (JSON)")
+    p = add("cluster", cmd_cluster_init, "cluster material: `magi cluster init DIR --config CLUSTER.yaml`")
+    p.add_argument("action", choices=["init"])
+    p.add_argument("dir", help="where to write (outside git: it holds every secret)")
+    p.add_argument("--config", required=True, help="the cluster YAML (seed 002's shape)")
+    p.add_argument("--head", default="", help="node that runs the services and the Ray head (default: the first)")
+    p.add_argument("--nats", default="", help="node(s) running NATS: one, or three for a NATS cluster (default: head)")
+    p.add_argument("--etc", default="/etc/magi", help="where each node's folder is installed")
+    p.add_argument("--state", default="/var/lib/magi", help="MAGI_HOME on the nodes")
+    p.add_argument("--nats-port", type=int, default=4222)
+    p.add_argument("--route-port", type=int, default=6222, help="between NATS servers (mutual TLS)")
+    p.add_argument("--monitor-port", type=int, default=8222, help="NATS monitoring on each server's loopback; 0: off")
+
+
+def _mission_commands(add) -> None:
     p = add("mission", cmd_mission, "run a shadow-clone mission")
     p.add_argument("prompt")
     p.add_argument("--deep", action="store_true", help="add a deep-analysis clone")
@@ -522,11 +695,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--deep-max-tokens", type=int, default=0, help="the deep clone's own budget")
     p.add_argument("--deadline", type=float, default=120.0)
     p.add_argument("--id", default="", help="name the mission (an idempotency key: the same id never runs twice)")
-    p.add_argument("--json", action="store_true")
-    p = add("result", cmd_result, "the stored result of a mission, by its id (magi.mission.get)")
-    p.add_argument("mission_id")
-    p.add_argument("--json", action="store_true")
-    p = add("chat", cmd_chat, "chat with a model (one prompt, or interactive)")
+    add("result", cmd_result, "the stored result of a mission, by its id (magi.mission.get)").add_argument(
+        "mission_id")
+    p = add("chat", cmd_chat, "chat with a model: one prompt, or interactive (/help for its commands)")
     p.add_argument("prompt", nargs="?")
     p.add_argument("--model", default="")
     p.add_argument("--model-role", default="heavy", choices=["heavy", "fast"])
@@ -542,42 +713,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=int, default=50, help="list: documents per page")
     p.add_argument("--cursor", default=None, help="list: the page after this id (printed after a full page)")
     p.add_argument("--all", action="store_true", help="delete: every document in --namespace")
-    p.add_argument("--json", action="store_true")
     p = add("history", cmd_history, "the mission graph: earlier missions like PROMPT, or --node NAME's clones' votes")
     p.add_argument("prompt", nargs="*", help="find earlier missions whose prompts mean much the same")
     p.add_argument("--node", default="", help="what the clones that ran on this node contributed")
     p.add_argument("-k", type=int, default=5, help="missions (by prompt) or latest votes (by node) to list")
-    p.add_argument("--json", action="store_true")
-    p = add("cluster", cmd_cluster_init, "cluster material: `magi cluster init DIR --config CLUSTER.yaml`")
-    p.add_argument("action", choices=["init"])
-    p.add_argument("dir", help="where to write (outside git: it holds every secret)")
-    p.add_argument("--config", required=True, help="the cluster YAML (seed 002's shape)")
-    p.add_argument("--head", default="", help="node that runs the services and the Ray head (default: the first)")
-    p.add_argument("--nats", default="", help="node(s) running NATS: one, or three for a NATS cluster (default: head)")
-    p.add_argument("--etc", default="/etc/magi", help="where each node's folder is installed")
-    p.add_argument("--state", default="/var/lib/magi", help="MAGI_HOME on the nodes")
-    p.add_argument("--nats-port", type=int, default=4222)
-    p.add_argument("--route-port", type=int, default=6222, help="between NATS servers (mutual TLS)")
-    p.add_argument("--monitor-port", type=int, default=8222, help="NATS monitoring on each server's loopback; 0: off")
-    add("demo", cmd_demo, "start the stack, run the seed mission, stop").add_argument(
-        "--keep", action="store_true", help="leave the stack running afterwards")
+
+
+def _operator_commands(add) -> None:
+    p = add("req", cmd_req, "send a raw request, like `nats req SUBJECT JSON`")
+    p.add_argument("subject")
+    p.add_argument("payload", nargs="?", default="{}")
+    p.add_argument("--timeout", type=float, default=130.0)
     add("bench", cmd_bench, "run the benchmarks").add_argument("rest", nargs=argparse.REMAINDER)
     add("protos", cmd_protos, "export JSON Schemas of every contract").add_argument("--out", default="protos/schema")
-    return parser
+    add("completion", cmd_completion, "print a shell completion script: "
+        "`source <(magi completion bash)`, or into ~/.zshrc / fish's completions").add_argument(
+        "shell", choices=["bash", "zsh", "fish"])
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    quiet_tls_eof()
-    _CONTEXT.update(settings=_settings(args), role=args.bus_role)
+    parser = build_parser()
+    _complete(parser)
+    args = parser.parse_args(argv)
+    setup_cli_logging()
     try:
+        _CONTEXT.update(settings=_settings(args), role=args.bus_role)
         return args.func(args)
     except MagiError as exc:
         where = f" (field {exc.field})" if exc.field else ""
         print(f"magi {args.command}: {exc.message}{where}", file=sys.stderr)
-        return 2
+        return exit_code(exc)
     except KeyboardInterrupt:
         return 130
+
+
+def _complete(parser: argparse.ArgumentParser) -> None:
+    """When the shell asks for completions (argcomplete's environment), print them and exit."""
+    if "_ARGCOMPLETE" in os.environ:
+        import argcomplete
+
+        argcomplete.autocomplete(parser)
 
 
 if __name__ == "__main__":

@@ -10,16 +10,20 @@ from protos.mission import MissionReply
 from shared import bus, demo, stack
 from shared.config import Settings
 from shared.mission_client import clone_count, run_mission
+from shared.table import Steps, Tally
 
 
-async def _mission(settings: Settings, progress) -> tuple[MissionReply, ConsensusRecord]:
+async def _mission(settings: Settings) -> tuple[MissionReply, ConsensusRecord]:
     nc = await bus.connect(settings, role="client")  # the demo is a user: it needs nothing more
     try:
-        progress(f"seeding memory with {len(demo.DOCUMENTS)} documents")
-        await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=demo.documents()), UpsertReply, timeout=60)
+        with Steps() as steps:
+            steps(f"seeding memory with {len(demo.DOCUMENTS)} documents")
+            await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=demo.documents()), UpsertReply,
+                              timeout=60)
         mission = demo.mission()
-        progress(f"mission: {mission.prompt!r} with {clone_count(mission)} clones")
-        reply = await run_mission(nc, mission, progress, timeout=mission.deadline_s + 5)
+        with Tally("clones", clone_count(mission)) as tally:
+            tally.note(f"mission: {mission.prompt!r} with {clone_count(mission)} clones")
+            reply = await run_mission(nc, mission, tally, timeout=mission.deadline_s + 5)
         record = await bus.request(nc, "magi.consensus.get", GetRequest(id=reply.consensus.id), ConsensusRecord, timeout=10)
         return reply, record
     finally:
@@ -41,19 +45,21 @@ def _running(settings: Settings) -> bool:
     return any(alive for _name, _pid, alive, _restarts in stack.status(settings.home_path))
 
 
-def run_demo(settings: Settings, *, keep: bool, progress) -> int:
+def run_demo(settings: Settings, *, keep: bool) -> int:
     from shared.cli import print_mission
 
     started_here = False
     if not _running(settings):
-        asyncio.run(stack.up(stack.StackConfig.from_settings(settings), progress))
+        with Steps() as steps:
+            asyncio.run(stack.up(stack.StackConfig.from_settings(settings), steps))
         started_here = True
     try:
-        reply, record = asyncio.run(_mission(settings, progress))
+        reply, record = asyncio.run(_mission(settings))
         print_mission(reply)
         print(f"\nread back from SurrealDB: {record.id} with {len(record.votes)} votes, created {record.created_at}")
         print(describe_synthesis(record))
     finally:
         if started_here and not keep:
-            stack.down(settings.home_path, progress)
+            with Steps() as steps:
+                stack.down(settings.home_path, steps)
     return 0

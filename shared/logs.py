@@ -51,3 +51,25 @@ def setup_logging(service: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(os.environ.get("MAGI_LOG_LEVEL", "INFO").upper())
     logging.getLogger("magi").info("starting", extra={"service": service, "pid": os.getpid()})
+
+
+class _PlainFormatter(logging.Formatter):
+    """`magi: message (key=value, ...)`: a log line a person reads between a command's own output."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        extra = ", ".join(f"{k}={v}" for k, v in vars(record).items() if k not in _STANDARD)
+        return f"magi: {record.getMessage()}" + (f" ({extra})" if extra else "")
+
+
+def setup_cli_logging() -> None:
+    """The CLI reports failures itself (as typed errors and exit codes), so the libraries under it speak only
+    of errors, unless MAGI_LOG_LEVEL asks for more. A host that configured logging already (a test run
+    calling the CLI's main) keeps its configuration."""
+    quiet_tls_eof()
+    root = logging.getLogger()
+    if root.handlers:
+        return
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_PlainFormatter())
+    root.addHandler(handler)
+    root.setLevel(os.environ.get("MAGI_LOG_LEVEL", "ERROR").upper())
