@@ -83,6 +83,7 @@ class EmbedReply(msgspec.Struct, kw_only=True):
     vectors: list[list[float]]
     node: str = ""
     replica: str = ""
+    prompt_tokens: int = 0  # the texts' tokens as the model counts them (0 where the backend does not say)
 
 
 class ReplicaInfo(msgspec.Struct, kw_only=True):

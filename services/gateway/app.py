@@ -259,7 +259,7 @@ class Gateway:
         if req.dimensions is not None and req.dimensions != reply.dim:
             raise errors.BadRequest(f"{reply.model} has {reply.dim} dimensions; it cannot give {req.dimensions}",
                                     field="dimensions")
-        return json_response(mapping.embeddings(reply.model, reply.vectors, req.encoding_format))
+        return json_response(mapping.embeddings(reply.model, reply.vectors, req.encoding_format, reply.prompt_tokens))
 
     async def chat(self, req: ChatRequest) -> Response:
         messages = mapping.chat_messages(req.messages)

@@ -296,12 +296,11 @@ def mission_completion(kind: str, cid: str, model: str, reply: MissionReply) -> 
             "usage": mission_usage(reply), "magi": mission_extension(reply)}
 
 
-def embeddings(model: str, vectors: list[list[float]], encoding: str) -> dict:
-    """`POST /v1/embeddings`' reply; `base64` is little-endian float32, as OpenAI sends it. MAGI's embed
-    endpoint reports no token counts, so usage is 0."""
+def embeddings(model: str, vectors: list[list[float]], encoding: str, prompt_tokens: int = 0) -> dict:
+    """`POST /v1/embeddings`' reply; `base64` is little-endian float32, as OpenAI sends it."""
     def encode(v: list[float]) -> Any:
         return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode() if encoding == "base64" else v
 
     return {"object": "list", "model": model,
             "data": [{"object": "embedding", "index": i, "embedding": encode(v)} for i, v in enumerate(vectors)],
-            "usage": {"prompt_tokens": 0, "total_tokens": 0}}
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens}}

@@ -75,11 +75,13 @@ class ContextWindow:
                              f"window of {self.n_ctx}; ask for at most {self.n_ctx - used}", field="max_tokens")
         return used
 
-    def check_embed(self, texts: list[str]) -> None:
-        """BadRequest naming the first text too long to embed whole (blocking: tokenizes)."""
+    def check_embed(self, texts: list[str]) -> int:
+        """BadRequest naming the first text too long to embed whole; else the texts' tokens in all
+        (blocking: tokenizes)."""
         with self._lock:
             counts = [len(self._llm.tokenize(text.encode("utf-8"))) for text in texts]
         for i, n in enumerate(counts):
             if n > self.embed_limit:
                 raise BadRequest(f"texts[{i}] is {n} tokens; this embedding model takes at most {self.embed_limit}",
                                  field="texts")
+        return sum(counts)

@@ -80,9 +80,11 @@ class Router:
         if pool.window is not None:
             await asyncio.to_thread(pool.window.check_generate, messages, max_tokens)
 
-    async def check_embed_fits(self, pool: ModelPool, texts: list[str]) -> None:
+    async def check_embed_fits(self, pool: ModelPool, texts: list[str]) -> int:
+        """The texts' tokens in all (0 where the pool has no tokenizer here); BadRequest when one is too long."""
         if pool.window is not None:
-            await asyncio.to_thread(pool.window.check_embed, texts)
+            return await asyncio.to_thread(pool.window.check_embed, texts)
+        return 0
 
     def resolve(self, model: str, role: str | None, *, embedding: bool = False) -> ModelPool:
         if model:

@@ -84,14 +84,14 @@ class InferenceEndpoints:
 
     async def embed(self, req: EmbedRequest, ctx: RequestContext) -> EmbedReply:
         pool = self.router.resolve(req.model, None, embedding=True)
-        await self.router.check_embed_fits(pool, req.texts)
+        tokens = await self.router.check_embed_fits(pool, req.texts)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
                 replica, vectors = await self.router.embed(pool, req.texts, uuid.uuid4().hex)
         except TimeoutError:
             raise DeadlineExceeded("embedding took too long") from None
         return EmbedReply(model=pool.spec.name, dim=len(vectors[0]), vectors=vectors, node=replica.node,
-                          replica=replica.replica_id)
+                          replica=replica.replica_id, prompt_tokens=tokens)
 
     async def models(self, req: Empty, ctx: RequestContext) -> ModelsReply:
         return ModelsReply(models=self.router.models())

@@ -20,6 +20,7 @@ from protos.gateway import GatewayInfo
 from protos.infer import EmbedReply, EmbedRequest, ModelsReply
 from shared import bus, stack
 from shared.procs import free_port, stop_tree
+from tests import reference_minilm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -120,6 +121,9 @@ async def test_embeddings_match_the_bus(client, nc):
         vectors = np.array(vectors, dtype=np.float32)
         assert vectors.shape == (2, 384)
         np.testing.assert_allclose(vectors, expected, rtol=1e-5, atol=1e-6)
+    # usage counts the model's own tokens ([CLS] ... [SEP]), as the reference tokenizer does
+    tokens = sum(len(reference_minilm.token_ids(t)) for t in texts)
+    assert direct.prompt_tokens == tokens and plain.usage.prompt_tokens == plain.usage.total_tokens == tokens
 
 
 async def test_mission_pseudo_model_returns_consensus_and_clones(client):
