@@ -38,10 +38,6 @@ def exit_code(exc: MagiError) -> int:
     return EXIT_FAILED
 
 
-def progress(message: str) -> None:
-    print(f"... {message}", file=sys.stderr, flush=True)
-
-
 def _settings(args) -> Settings:
     """Settings from the environment, then `--home`, then the NATS URL: `--nats-url`, else MAGI_NATS_URL,
     else the URL of the stack `magi up` started under that home, else the default."""
@@ -325,66 +321,18 @@ def cmd_chat(args) -> int:
     return interactive(chat, {"/status": status, "/models": models}, history)
 
 
-# ---- logs ------------------------------------------------------------------------------------------
-
-def _log_line(node: str, instance: str, line: str, *, as_json: bool, prefix: bool) -> None:
-    if as_json:
-        print(json.dumps({"node": node, "instance": instance, "line": line}), flush=True)
-    else:
-        print(f"{instance} | {line}" if prefix else line, flush=True)
-
-
-async def _logs(args) -> None:
-    """The tail the node's agent keeps in its files; with --follow, then every new line as it is published.
-
-    The subscription starts before the tail is read, and each published line carries its offset in the
-    file, so lines written meanwhile appear once: in the tail or live, never both, never neither."""
-    from protos.node import LOG_OFFSET_HEADER, LogsReply, LogsRequest
-
-    node, instance = args.node, args.instance or ""
-    prefix = not instance
-    nc = await _connect()
-    try:
-        live: asyncio.Queue = asyncio.Queue()
-        if args.follow:
-            subject = f"magi.node.{node}.logs.{instance or '*'}"
-
-            async def queue(msg) -> None:
-                live.put_nowait(msg)
-
-            await nc.subscribe(subject, cb=queue)
-            await nc.flush()
-            if bus.refused(nc, subject):
-                raise Forbidden(f"the {_CONTEXT['role']!r} identity may not read {subject}")
-        seen: dict[str, int] = {}
-        try:
-            reply = await bus.request(nc, f"magi.node.{node}.logs", LogsRequest(instance=instance, lines=args.lines),
-                                      LogsReply, timeout=10)
-        except MagiError as exc:
-            if not args.follow or isinstance(exc, Forbidden):
-                raise
-            print(f"magi logs: no earlier lines ({exc.message}); following", file=sys.stderr)
-        else:
-            if not reply.logs:
-                print(f"magi logs: node {node} has no instance logs", file=sys.stderr)
-            for log in reply.logs:
-                seen[log.instance_id] = log.offset
-                for line in log.lines:
-                    _log_line(node, log.instance_id, line, as_json=args.json, prefix=prefix)
-        while args.follow:
-            msg = await live.get()
-            name = msg.subject.rsplit(".", 1)[-1]
-            offset = int((msg.headers or {}).get(LOG_OFFSET_HEADER, 0) or 0)
-            if name in seen and offset <= seen[name]:
-                continue  # already printed with the tail
-            seen.pop(name, None)
-            _log_line(node, name, msg.data.decode(errors="replace"), as_json=args.json, prefix=prefix)
-    finally:
-        await nc.close()
-
-
 def cmd_logs(args) -> int:
-    asyncio.run(_logs(args))
+    from shared.cli_logs import show_logs
+
+    async def run() -> None:
+        nc = await _connect()
+        try:
+            await show_logs(nc, node=args.node, instance=args.instance, lines=args.lines, follow=args.follow,
+                            as_json=args.json, role=_CONTEXT["role"])
+        finally:
+            await nc.close()
+
+    asyncio.run(run())
     return 0
 
 

@@ -110,6 +110,9 @@ async def test_unknown_instance_fails_and_an_absent_node_is_unavailable(servers,
     assert unknown.returncode == 1 and f"no log of instance nosuch on node {NODE}" in unknown.stderr
     absent = await asyncio.to_thread(_magi, servers, "logs", "nonode", "x")
     assert absent.returncode == 3 and "Traceback" not in absent.stderr, absent.stderr
+    for follow in ([], ["-f"]):  # instance logs are the operator's: a client identity is refused, not left waiting
+        refused = await asyncio.to_thread(_magi, servers, "logs", NODE, "x", "--role", "client", *follow)
+        assert refused.returncode == 2 and "may not" in refused.stderr, refused.stderr
 
 
 async def test_follow_joins_the_tail_to_live_lines_without_a_gap_or_a_repeat(servers, cluster, nc):
