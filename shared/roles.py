@@ -47,7 +47,7 @@ _ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "ma
 
 # Subjects only their service (or a node's agent) may answer: no user identity may subscribe to them.
 _SERVED = ["magi.sched.>", "magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.>", "magi.memory.>",
-           "magi.consensus.>", "magi.gateway.>", "magi.node.*.info", "magi.node.*.reconcile"]
+           "magi.consensus.>", "magi.gateway.>", "magi.node.*.info", "magi.node.*.logs", "magi.node.*.reconcile"]
 GATEWAY_INBOX = "_INBOX.gateway"
 
 
@@ -98,9 +98,10 @@ def agent_permissions(node: str) -> Permissions:
     identity = agent_identity(node)
     return Permissions(
         pub_allow=[f"magi.node.{node}.>", f"magi.sched.assignments.{node}"],
-        sub_allow=_service("magi-agent", [f"magi.node.{node}.info", f"magi.node.{node}.reconcile"], identity),
+        sub_allow=_service("magi-agent", [f"magi.node.{node}.info", f"magi.node.{node}.logs",
+                                          f"magi.node.{node}.reconcile"], identity),
         summary=f"publishes only `magi.node.{node}.>` (heartbeat, logs) and asks `magi.sched.assignments.{node}`; "
-                f"serves `magi.node.{node}.info`, hears its own reconcile nudges")
+                f"serves `magi.node.{node}.info` and `.logs` (instance log tails), hears its own reconcile nudges")
 
 
 def agent_identity(node: str) -> str:
