@@ -18,6 +18,7 @@ from services.inference import minilm
 from shared.errors import BadRequest, NotFound
 
 Role = Literal["heavy", "fast", "embed"]
+MAX_BATCH = 64  # sequences per replica; each holds n_ctx cells of the replica's KV cache
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -39,14 +40,35 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # A replica that has not generated its first token this long after it was started is killed and
     # counted as a failure (a load that hangs must not hold a slot for ever).
     warmup_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
+    # Sequences one replica decodes together (llama.cpp, batched.py): requests join and leave between
+    # steps and share the KV of a common prompt prefix. 1: one request at a time, the plain engine.
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)] = 1
 
     def __post_init__(self) -> None:
         if len(self.shard_nodes) > self.shards:
             raise ValueError(f"model {self.name}: {len(self.shard_nodes)} shard_nodes for {self.shards} shards")
+        if self.max_batch > 1:
+            self._check_batchable()
+
+    def _check_batchable(self) -> None:
+        # vLLM batches by itself; embeddings are one short call; sharded replicas load through RPC
+        # servers, which the batched engine does not drive.
+        why = ("the vllm backend batches natively" if self.backend != "llama_cpp"
+               else "an embedding model" if self.embedding
+               else "a sharded replica" if self.shards else "")
+        if why:
+            raise ValueError(f"model {self.name}: max_batch > 1 is for llama_cpp generation models, not {why}")
 
     @property
     def embedding(self) -> bool:
         return "embed" in self.roles
+
+    @property
+    def actor_concurrency(self) -> int:
+        """Calls a replica actor runs at once: one for the plain engine (a second waits in Ray, as the
+        engine serves one); for a batched engine every slot, plus one for a request whose slot the router
+        freed on cancel while its call still winds down (the engine queues it until a slot frees)."""
+        return 1 if self.max_batch == 1 else self.max_batch + 1
 
 
 class Catalog(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

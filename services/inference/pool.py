@@ -1,9 +1,10 @@
 """Replica pools: a request waits for a free ready replica, so replicas pull work when free and no
 replica queues requests while another idles (never random queue-group hot spots).
 
-Each replica serves one request at a time. A replica whose process dies is marked `restarting` and
-started again in the background (keeper.py); a request it was serving is retried once on whichever
-replica frees up next, so the caller only sees latency.
+Each replica serves one request at a time, or up to its model's `max_batch` when it batches (a free
+slot is then what makes a replica free, and the one with the most free slots is chosen). A replica
+whose process dies is marked `restarting` and started again in the background (keeper.py); a request
+it was serving is retried once on whichever replica frees up next, so the caller only sees latency.
 """
 
 from __future__ import annotations
@@ -42,6 +43,16 @@ class Replica:
     placed: list[str] = field(default_factory=list)  # nodes as placed: the replica's, then its shards'
     budget: RestartBudget = field(default_factory=RestartBudget)
     draining: bool = False  # being replaced: finishes what it serves, takes nothing new
+    _busy_until: float = 0.0  # a batched replica: when its latest released request ended
+
+    def overlap(self, busy_s: float) -> float:
+        """Of a request that ran `busy_s` until now, the part after the latest earlier release: summed over
+        a batched replica's overlapping requests this stays close to the wall time with something in
+        flight (never more), where the plain sum would count each shared step once per sequence."""
+        now = time.monotonic()
+        start = max(now - busy_s, self._busy_until)
+        self._busy_until = max(self._busy_until, now)
+        return max(0.0, now - start)
 
     @property
     def index(self) -> int:
@@ -82,9 +93,10 @@ class ModelPool:
         return self._changed
 
     def _free(self) -> Replica | None:
-        free = [r for r in self.replicas if r.state == "ready" and r.in_flight == 0 and not r.draining]
-        # Among free replicas the one that has served least, so work spreads evenly over time.
-        return min(free, key=lambda r: (r.served, r.replica_id)) if free else None
+        slots = self.spec.max_batch
+        free = [r for r in self.replicas if r.state == "ready" and r.in_flight < slots and not r.draining]
+        # The least loaded (most free slots), then the one that has served least, so work spreads evenly.
+        return min(free, key=lambda r: (r.in_flight, r.served, r.replica_id)) if free else None
 
     def _hopeless(self) -> bool:
         return not any(r.state in LIVE_STATES for r in self.replicas)
@@ -106,7 +118,7 @@ class ModelPool:
     async def release(self, replica: Replica, busy_s: float) -> None:
         async with self.changed:
             replica.in_flight -= 1
-            replica.busy_s += busy_s
+            replica.busy_s += busy_s if self.spec.max_batch == 1 else replica.overlap(busy_s)
             self.changed.notify_all()
 
     async def notify(self) -> None:
@@ -123,5 +135,6 @@ class ModelPool:
     def stats(self) -> dict:
         ready = [r for r in self.replicas if r.state == "ready"]
         busy = sum(r.in_flight for r in self.replicas)
+        slots = len(ready) * self.spec.max_batch
         return {"queued": self.queued, "in_flight": busy, "ready": len(ready),
-                "utilisation": round(busy / len(ready), 3) if ready else 0.0, **self.counters}
+                "utilisation": round(busy / slots, 3) if slots else 0.0, **self.counters}

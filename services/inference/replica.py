@@ -1,4 +1,6 @@
-"""A model replica as a Ray actor: it owns one engine and serves one request at a time.
+"""A model replica as a Ray actor: it owns one engine and serves one request at a time, or up to
+`max_batch` at once when the engine batches (batched.py; the actor is then created with that much
+concurrency: `ModelSpec.actor_concurrency`).
 
 `abort` and `stats` run in a separate concurrency group so they answer while a generation runs.
 """
@@ -19,13 +21,15 @@ from services.inference.engines import make_engine
 @ray.remote(concurrency_groups={"control": 1})
 class LlamaReplica:
     def __init__(self, replica_id: str, model_path: str, n_ctx: int, threads: int, embedding: bool,
-                 backend: str = "llama_cpp", rpc_servers: list[str] | None = None) -> None:
+                 backend: str = "llama_cpp", rpc_servers: list[str] | None = None, max_batch: int = 1) -> None:
         self.replica_id = replica_id
         self.node = os.environ.get("MAGI_NODE_NAME") or socket.gethostname()
         # rpc_servers: "host:port" shards (RpcShard actors) that hold the layers; llama_cpp only.
         extra = {"rpc_servers": rpc_servers} if rpc_servers else {}
-        self.engine = make_engine(backend, model_path, n_ctx=n_ctx, threads=threads, embedding=embedding, **extra)
+        self.engine = make_engine(backend, model_path, n_ctx=n_ctx, threads=threads, embedding=embedding,
+                                  max_batch=max_batch, **extra)
         self.engine.load()
+        self.batched = max_batch > 1  # calls run side by side; each is known to the engine by request id
         self.current = ""
 
     def warmup(self) -> dict:
@@ -37,6 +41,8 @@ class LlamaReplica:
         return {"replica": self.replica_id, "node": self.node, "pid": os.getpid()}
 
     def generate(self, params: dict, request_id: str) -> dict:
+        if self.batched:
+            return asdict(self.engine.generate(GenerateParams(**params), request_id=request_id))
         self.current = request_id
         try:
             return asdict(self.engine.generate(GenerateParams(**params)))
@@ -47,15 +53,12 @@ class LlamaReplica:
     def stream(self, params: dict, request_id: str, prefix: str = ""):
         """Yield `{"piece": text}` per piece, then one dict with usage; `prefix` is text already sent
         by a replica that died, which this one continues after."""
+        if self.batched:
+            yield from _items(self.engine.stream(GenerateParams(**params), prefix=prefix, request_id=request_id))
+            return
         self.current = request_id
         try:
-            pieces = self.engine.stream(GenerateParams(**params), prefix=prefix)
-            while True:
-                try:
-                    yield {"piece": next(pieces)}
-                except StopIteration as end:
-                    yield asdict(end.value)
-                    return
+            yield from _items(self.engine.stream(GenerateParams(**params), prefix=prefix))
         finally:
             self.current = ""
 
@@ -70,8 +73,21 @@ class LlamaReplica:
     @ray.method(concurrency_group="control")
     def abort(self, request_id: str) -> None:
         """Abort only the named request: by the time this arrives another one may be running."""
-        if request_id and request_id == self.current:
+        if self.batched:
+            if request_id:
+                self.engine.abort(request_id)
+        elif request_id and request_id == self.current:
             self.engine.abort()
 
     def close(self) -> None:
         self.engine.close()
+
+
+def _items(pieces):
+    """An engine stream as the actor's items: `{"piece": text}` each, then the usage dict."""
+    while True:
+        try:
+            yield {"piece": next(pieces)}
+        except StopIteration as end:
+            yield asdict(end.value)
+            return
