@@ -75,7 +75,8 @@ def replica_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
     """What the scheduler places for one replica: the replica itself, then its shards (if sharded)."""
     if pool.spec.shards:
         return gang_specs(pool, replica_id)
-    return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, pool.spec.n_ctx),
+    cells = pool.spec.n_ctx * pool.spec.max_batch  # a batched replica's KV cache holds every slot's window
+    return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, cells),
                          gpu_required=pool.spec.backend == "vllm")]
 
 
@@ -106,8 +107,9 @@ class ReplicaFactory:
             # The service restarts replicas itself (keeper.py): Ray would restart one only on its pinned
             # node, and never elsewhere when that node is gone.
             max_restarts=0,
+            max_concurrency=pool.spec.actor_concurrency,  # a batched replica serves max_batch at once
         ).remote(replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
-                 backend=pool.spec.backend, rpc_servers=endpoints or None)
+                 backend=pool.spec.backend, rpc_servers=endpoints or None, max_batch=pool.spec.max_batch)
         return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
                        placed=nodes)
 
