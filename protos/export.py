@@ -15,6 +15,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.mission.submit": (mission.MissionRequest, None),  # JetStream; the result: magi.mission.result.<id>
     "magi.mission.get": (mission.MissionGet, mission.MissionReply),
     "magi.mission.dead.<id>": (mission.DeadLetter, None),
+    "magi.mission.events.<id>": (mission.MissionEvent, None),  # core NATS, fire-and-forget
     "magi.infer.generate": (infer.GenerateRequest, infer.GenerateReply),
     "magi.infer.cancel": (infer.CancelRequest, infer.CancelReply),
     "magi.infer.generate.stream": (infer.StreamChunk, None),  # each chunk of a streamed generation

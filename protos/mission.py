@@ -100,3 +100,68 @@ class MissionReply(msgspec.Struct, kw_only=True):
     context: list[SearchHit]
     timings: Timings
     trace_id: str = ""
+
+
+# Each mission's lifecycle, published (core NATS, fire-and-forget) on EVENTS_PREFIX.<mission_id> by the
+# orchestrator running it: started, one `clone` per clone as it finishes, then `decided` or `failed`.
+# A mission retried after a failed attempt starts again with a new `started`. For watchers (the
+# gateway's dashboard): nothing depends on them, and a watcher that was away reads results with
+# `magi.mission.get`. Texts are excerpts, so an event stays small whatever the models wrote.
+EVENTS_PREFIX = "magi.mission.events"
+EXCERPT_CHARS = 600  # a clone's answer in its `clone` event
+ANSWER_CHARS = 4000  # the consensus answer in `decided`
+
+
+class PlannedClone(msgspec.Struct, kw_only=True):
+    clone_id: str = ""
+    role: str = ""
+    variation: str = ""
+
+
+class MissionStarted(msgspec.Struct, kw_only=True, tag="started"):
+    mission_id: str = ""
+    at: float = 0.0  # the orchestrator's wall clock (seconds since the epoch)
+    prompt: str = ""  # the mission's prompt, its first ANSWER_CHARS characters
+    strategy: str = ""
+    clones: list[PlannedClone] = []
+
+
+class MissionClone(msgspec.Struct, kw_only=True, tag="clone"):
+    mission_id: str = ""
+    at: float = 0.0
+    clone_id: str = ""
+    role: str = ""
+    variation: str = ""
+    model: str = ""
+    node: str = ""
+    replica: str = ""
+    latency_ms: float = 0.0
+    ok: bool = False
+    text: str = ""  # the first EXCERPT_CHARS characters of the clone's answer
+    error: str = ""
+    completion_tokens: int = 0
+
+
+class MissionDecided(msgspec.Struct, kw_only=True, tag="decided"):
+    mission_id: str = ""
+    at: float = 0.0
+    consensus_id: str = ""
+    strategy: str = ""
+    answer: str = ""  # the first ANSWER_CHARS characters
+    agreement: float = 0.0
+    votes: int = 0
+    winner: str = ""
+    cited: list[str] = []
+    total_ms: float = 0.0
+
+
+class MissionFailed(msgspec.Struct, kw_only=True, tag="failed"):
+    """This attempt failed; a mission failing with a 5xx may be retried (a new `started` follows)."""
+
+    mission_id: str = ""
+    at: float = 0.0
+    code: int = 0
+    error: str = ""
+
+
+MissionEvent = MissionStarted | MissionClone | MissionDecided | MissionFailed

@@ -20,6 +20,7 @@ from protos.memory import MemoryDoc, SearchHit, SearchReply, SearchRequest, Upse
 from protos.mission import CloneResult, ConsensusSummary, MissionGet, MissionReply, MissionRequest, Timings
 from services.orchestrator.budgets import Budgets
 from services.orchestrator.desk import MissionDesk
+from services.orchestrator.events import MissionEvents
 from services.orchestrator.plan import CloneTask, plan_clones
 from services.orchestrator.queue import MissionQueue
 from services.orchestrator.watch import Disruptions
@@ -47,6 +48,7 @@ class Orchestrator:
         self.nc = nc
         self.budgets = Budgets(nc)
         self.remembering = bus.Outage("memory (remembering mission answers)", log)
+        self.events = MissionEvents(nc)
 
     async def run(self, mission: MissionRequest, ctx: RequestContext, mission_id: str = "") -> MissionReply:
         why = check_output_subject(mission.progress_subject) if mission.progress_subject else None
@@ -56,9 +58,16 @@ class Orchestrator:
         deadline = started + mission.deadline_s
         mission_id = mission_id or uuid.uuid4().hex
         try:
-            return await asyncio.wait_for(self._run(mission, mission_id, started, deadline), mission.deadline_s)
+            reply = await asyncio.wait_for(self._run(mission, mission_id, started, deadline), mission.deadline_s)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"mission exceeded its deadline of {mission.deadline_s} s", field="deadline_s") from None
+            error = DeadlineExceeded(f"mission exceeded its deadline of {mission.deadline_s} s", field="deadline_s")
+            await self.events.failed(mission_id, error)
+            raise error from None
+        except Exception as exc:
+            await self.events.failed(mission_id, translate(exc))
+            raise
+        await self.events.decided(reply)
+        return reply
 
     async def _run(self, mission: MissionRequest, mission_id: str, started: float, deadline: float) -> MissionReply:
         with tracer().start_as_current_span("mission", attributes={"magi.mission_id": mission_id}):
@@ -67,8 +76,9 @@ class Orchestrator:
             memory_ms = _ms(t0)
             t1 = time.perf_counter()
             tasks = plan_clones(mission, hits, await self.budgets.get())
+            await self.events.started(mission_id, mission.prompt, mission.consensus, tasks)
             seen = [h.id for h in hits]
-            clones = await asyncio.gather(*(self._clone(task, mission, deadline, seen) for task in tasks))
+            clones = await asyncio.gather(*(self._clone(task, mission, mission_id, deadline, seen) for task in tasks))
             clones_ms = _ms(t1)
             if not any(c.ok for c in clones):
                 why = "every clone failed: " + "; ".join(f"{c.clone_id}: {c.error}" for c in clones)
@@ -101,7 +111,7 @@ class Orchestrator:
         reply = await bus.request(self.nc, "magi.memory.search", query, SearchReply, timeout=self._left(deadline))
         return reply.hits
 
-    async def _clone(self, task: CloneTask, mission: MissionRequest, deadline: float,
+    async def _clone(self, task: CloneTask, mission: MissionRequest, mission_id: str, deadline: float,
                      context_ids: list[str]) -> CloneResult:
         result = CloneResult(clone_id=task.clone_id, role=task.role, variation=task.variation, context_ids=context_ids)
         request = GenerateRequest(role=task.role, prompt=task.prompt, max_tokens=task.max_tokens, temperature=0.7,
@@ -121,6 +131,7 @@ class Orchestrator:
         result.latency_ms = _ms(t0)
         if mission.progress_subject:
             await self.nc.publish(mission.progress_subject, _encoder.encode(result))
+        await self.events.clone(mission_id, result)
         return result
 
     async def _decide(self, mission: MissionRequest, mission_id: str, clones, deadline: float) -> ConsensusRecord:
