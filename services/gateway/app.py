@@ -39,6 +39,7 @@ from protos.infer import (
 )
 from protos.mission import CloneResult, MissionReply, MissionRequest
 from services.gateway import mapping
+from services.gateway.dashboard import Dashboard
 from services.gateway.keys import ApiKeys
 from services.gateway.schema import ChatRequest, CompletionRequest, EmbeddingRequest
 from shared import bus, errors
@@ -142,6 +143,7 @@ class Gateway:
         self.counters = Counters()
         self.created = int(time.time())
         self.generate_timeout = settings.request_timeout_s
+        self.dashboard = Dashboard(settings, nc, keys)  # `/`: the live dashboard (its own login, see there)
 
     # ---- plumbing --------------------------------------------------------------------------------
 
@@ -152,6 +154,7 @@ class Gateway:
             Route("/v1/completions", self._route(self.completions, CompletionRequest), methods=["POST"]),
             Route("/v1/embeddings", self._route(self.embeddings, EmbeddingRequest), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
+            *self.dashboard.routes(),
         ]
         return Starlette(routes=routes, exception_handlers={HTTPException: self._http_exception,
                                                             Exception: self._unexpected})

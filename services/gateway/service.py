@@ -62,6 +62,7 @@ async def build(settings: Settings):
     service = MagiService("magi-gateway", VERSION, "OpenAI-compatible HTTP API over the bus", settings)
     nc = await service.connect()
     gateway = Gateway(settings, nc, ApiKeys(settings.api_keys_path()))
+    await gateway.dashboard.start()
     tls = tls_options(settings)
     sock = listen(settings.http_host, settings.http_port)
     url = base_url(settings.http_host, sock.getsockname()[1], bool(tls))
@@ -86,6 +87,7 @@ async def build(settings: Settings):
     async def stop_http() -> None:
         """Before the bus closes: stop accepting, let requests in flight finish over the bus (uvicorn's
         graceful timeout, then it cancels them), wait for the cancels those send."""
+        await gateway.dashboard.close()  # ends the dashboards' endless feeds, so they do not hold the exit
         server.should_exit = True
         with contextlib.suppress(Exception):
             await asyncio.wait_for(serving, 10)
