@@ -88,8 +88,10 @@ class _Seq:
 class BatchedLlama:
     """The decode loop. `submit` and `abort` are thread-safe; everything llama.cpp runs on the loop's thread."""
 
-    def __init__(self, model_path: Path | str, *, n_ctx: int, threads: int, max_batch: int) -> None:
+    def __init__(self, model_path: Path | str, *, n_ctx: int, threads: int, max_batch: int,
+                 unified: bool = False) -> None:
         self.model_path = str(model_path)
+        self.unified = unified
         self.n_ctx = n_ctx  # per sequence, as for the unbatched engine
         self.threads = threads
         self.max_batch = max_batch
@@ -117,15 +119,18 @@ class BatchedLlama:
         params.n_ctx = self.n_ctx * self.max_batch
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_seq_max = self.max_batch
-        params.kv_unified = True
+        params.kv_unified = self.unified
         params.n_threads = params.n_threads_batch = self.threads
         params.no_perf = True
+        # Off, as llama-cpp-python's Llama sets it (the default, auto, turns it on for the CPU): the two
+        # attention kernels round differently, and a small model at temperature 0 then answers otherwise.
+        params.flash_attn_type = llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
         self._ctx = _internals.LlamaContext(model=self._llm._model, params=params, verbose=False)
         self._mem = llama_cpp.llama_get_memory(self._ctx.ctx)
         self._vocab = self._llm._model.vocab
         self._bos = self._llm.token_bos()
         self._piece_buf = (ctypes.c_char * 64)()
-        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, self.max_batch)
+        self._batch = llama_cpp.llama_batch_init(N_BATCH, 0, 1)
         self._thread = threading.Thread(target=self._run, name="llama-batch", daemon=True)
         self._thread.start()
 
@@ -256,73 +261,62 @@ class BatchedLlama:
     # ---- admission: prompts, with shared prefixes decoded once ---------------------------------------
 
     def _admit(self, newcomers: list[_Seq]) -> None:
-        """Plan the newcomers' prompts as batch entries, reusing every prefix already in the cache or
-        decoded by an earlier newcomer, then decode them and sample each newcomer's first token."""
+        """Decode the newcomers' prompts in waves: a newcomer that shares more with another newcomer than
+        with anything already cached waits for the next wave, when that one's KV is there to copy."""
+        while newcomers:
+            wave, later = [], []
+            for seq in newcomers:
+                cached = max((_common(seq.prompt, o.cached) for o in self._active.values()), default=0)
+                pending = max((_common(seq.prompt, o.prompt) for o in wave), default=0)
+                (later if min(pending, len(seq.prompt) - 1) > cached else wave).append(seq)
+            self._prefill(wave)
+            newcomers = later
+
+    def _prefill(self, wave: list[_Seq]) -> None:
+        """Copy each newcomer's longest cached prefix, decode the rest of its prompt (all newcomers in one
+        batch, split at N_BATCH), and sample its first token from its last prompt token's logits."""
         import llama_cpp
 
-        entries: list[list] = []  # [token, pos, [slot, ...], wants_logits]
-        owned: dict[int, dict[int, int]] = {}  # slot -> {pos: entry index} for positions it decodes
-        last: dict[int, int] = {}  # slot -> entry index holding its last prompt token
-        for i, seq in enumerate(newcomers):
+        entries: list[tuple[int, int, int, bool]] = []  # token, pos, slot, wants logits
+        last: dict[int, int] = {}  # slot -> index of its last prompt token in `entries`
+        for seq in wave:
             seq.chain = self._sampler(seq.params)
             start = self._copy_cached_prefix(seq)
-            start = self._ride(seq, newcomers[:i], start, entries, owned)
-            mine = owned.setdefault(seq.slot, {})
-            for pos in range(start, len(seq.prompt)):
-                mine[pos] = len(entries)
-                entries.append([seq.prompt[pos], pos, [seq.slot], pos == len(seq.prompt) - 1])
+            entries.extend((seq.prompt[p], p, seq.slot, p == len(seq.prompt) - 1) for p in range(start, len(seq.prompt)))
             last[seq.slot] = len(entries) - 1
             self.stats["prompt_shared"] += start
             self.stats["prompt_decoded"] += len(seq.prompt) - start
             self.stats["admitted"] += 1
-        for seq in newcomers:
-            seq.cached = list(seq.prompt)
         for first in range(0, len(entries), N_BATCH):
             chunk = entries[first:first + N_BATCH]
             self._decode(chunk)
-            for seq in newcomers:
+            for seq in wave:
                 at = last[seq.slot] - first
-                if 0 <= at < len(chunk) and seq.slot in self._active:
+                if 0 <= at < len(chunk):
+                    seq.cached = list(seq.prompt)
                     self._advance(seq, llama_cpp.llama_sampler_sample(seq.chain, self._ctx.ctx, at))
 
     def _copy_cached_prefix(self, seq: _Seq) -> int:
-        """Tag the longest prefix some active sequence already holds as this one's too; its length.
-        (Newcomers of this step hold nothing yet: their `cached` is empty until the decode.)"""
+        """Give this sequence the longest prompt prefix some active sequence holds; its length."""
         import llama_cpp
 
         best, source = 0, -1
         for other in self._active.values():
-            if other is seq:
-                continue
-            n = _common(seq.prompt, other.cached)
+            n = _common(seq.prompt, other.cached) if other is not seq else 0
             if n > best:
                 best, source = n, other.slot
         # At least the last prompt token is decoded again: its logits give the first sampled token.
         best = min(best, len(seq.prompt) - 1)
-        if best > 0:
+        if best <= 0:
+            return 0
+        if self.unified:
+            # One buffer: the cells just gain this sequence's id; nothing is copied or recomputed.
             llama_cpp.llama_memory_seq_cp(self._mem, source, seq.slot, 0, best)
+        else:
+            # A buffer per sequence: llama.cpp copies whole buffers between them; drop what is not shared.
+            llama_cpp.llama_memory_seq_cp(self._mem, source, seq.slot, -1, -1)
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, best, -1)
         return best
-
-    def _ride(self, seq: _Seq, earlier: list[_Seq], start: int, entries: list[list],
-              owned: dict[int, dict[int, int]]) -> int:
-        """Join an earlier newcomer's entries for the prefix shared with it: one decode, both ids."""
-        best, other = 0, None
-        for cand in earlier:
-            n = min(_common(seq.prompt, cand.prompt), len(seq.prompt) - 1)
-            if n > best:
-                best, other = n, cand
-        if other is None:
-            return start
-        mine = owned.setdefault(seq.slot, {})
-        pos = start
-        # The other newcomer decodes these positions itself (what it copied from the cache this one copied
-        # too, or better), so each is one entry: its first id is the decoder whose cells it attends to.
-        while pos < best and pos in owned.get(other.slot, {}):
-            index = owned[other.slot][pos]
-            entries[index][2].append(seq.slot)
-            mine[pos] = index
-            pos += 1
-        return pos
 
     # ---- generation steps ----------------------------------------------------------------------------
 
@@ -331,22 +325,21 @@ class BatchedLlama:
         import llama_cpp
 
         seqs = list(self._active.values())
-        self._decode([[s.pending, len(s.cached), [s.slot], True] for s in seqs])
+        self._decode([(s.pending, len(s.cached), s.slot, True) for s in seqs])
         self.stats["steps"] += 1
         for i, seq in enumerate(seqs):
             seq.cached.append(seq.pending)
             self._advance(seq, llama_cpp.llama_sampler_sample(seq.chain, self._ctx.ctx, i))
 
-    def _decode(self, entries: list[list]) -> None:
+    def _decode(self, entries: list[tuple[int, int, int, bool]]) -> None:
         import llama_cpp
 
         batch = self._batch
-        for i, (token, pos, slots, logits) in enumerate(entries):
+        for i, (token, pos, slot, logits) in enumerate(entries):
             batch.token[i] = token
             batch.pos[i] = pos
-            batch.n_seq_id[i] = len(slots)
-            for k, slot in enumerate(slots):
-                batch.seq_id[i][k] = slot
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = slot
             batch.logits[i] = logits
         batch.n_tokens = len(entries)
         rc = llama_cpp.llama_decode(self._ctx.ctx, batch)
