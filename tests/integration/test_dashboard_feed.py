@@ -4,8 +4,13 @@ the login cookie, and the server-sent feed (snapshot, then a mission's events as
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import http.client
 import json
+import os
+import subprocess
+import sys
+import time
 import uuid
 from urllib.parse import urlparse
 
@@ -13,6 +18,7 @@ import pytest
 
 from protos.mission import MissionReply, MissionRequest
 from shared import bus
+from shared.procs import free_port, stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
@@ -137,3 +143,48 @@ async def test_the_feed_sends_a_snapshot_then_a_mission_as_it_happens(base, api_
         assert {"nodes", "models"} <= kinds
     finally:
         feed.close()
+
+
+
+@contextlib.contextmanager
+def _gateway_started_now(magi_stack):
+    """A gateway started after missions ran (as after a restart), on the same bus."""
+    port = free_port()
+    env = dict(os.environ, MAGI_NATS_URL=magi_stack.nats_url, MAGI_HOME=magi_stack.home, MAGI_HTTP_PORT=str(port),
+               MAGI_LOG_LEVEL="WARNING")
+    env.pop("MAGI_NATS_CREDS", None)
+    env.pop("MAGI_API_KEYS_FILE", None)
+    proc = subprocess.Popen([sys.executable, "-m", "services.gateway"], env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            with contextlib.suppress(OSError):
+                if _call(("127.0.0.1", port), "GET", "/health")[0] == 200:
+                    break
+            assert proc.poll() is None and time.monotonic() < deadline, "the second gateway did not start"
+            time.sleep(0.1)
+        yield "127.0.0.1", port
+    finally:
+        stop_tree(proc.pid, grace=10)
+
+
+async def test_a_gateway_started_later_reads_recent_missions_back_from_the_graph(nc, api_key, magi_stack):
+    mission = MissionRequest(prompt="Name a river.", variations=["in one word", "in one line"], max_tokens=12,
+                             consensus="medoid", mission_id=f"seeded-{uuid.uuid4().hex[:12]}")
+    reply = await bus.request(nc, "magi.mission.run", mission, MissionReply, timeout=150)
+    with _gateway_started_now(magi_stack) as base:
+        _, set_cookie = _login(base, api_key)
+        cookie = {"Cookie": _cookie(set_cookie)}
+        found = None
+        for _ in range(100):  # the history is read in the background after start-up
+            status, _, body = _call(base, "GET", "/api/snapshot", headers=cookie)
+            assert status == 200
+            found = next((m for m in json.loads(body)["missions"] if m["mission_id"] == reply.mission_id), None)
+            if found:
+                break
+            await asyncio.sleep(0.2)
+        assert found, "the mission run before the gateway started is not in its history"
+        assert found["state"] == "decided" and found["consensus"]["answer"] == reply.consensus.answer
+        assert found["consensus"]["strategy"] == "medoid" and found["at"] > 0
+        assert sorted(c["clone_id"] for c in found["clones"]) == ["var0", "var1"]
