@@ -16,18 +16,19 @@ import pytest
 from protos.mission import MissionReply, MissionRequest
 from shared import bus
 
-pytestmark = [pytest.mark.browser, pytest.mark.timeout(300)]
-
 MODEL = "smollm2-135m"
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 CHROMEDRIVER = shutil.which("chromedriver")
 
+# Decided before any fixture, so a machine without the browser does not start the stack only to skip.
+pytestmark = [pytest.mark.browser, pytest.mark.timeout(300),
+              pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                 reason="needs Debian's chromium and chromium-driver (apt-get install chromium "
+                                        "chromium-driver; .ci/run installs them where it can)")]
+
 
 @pytest.fixture
 def browser():
-    if not (CHROMIUM and CHROMEDRIVER):
-        pytest.skip("needs Debian's chromium and chromium-driver (apt-get install chromium chromium-driver; "
-                    ".ci/run installs them where it can)")
     webdriver = pytest.importorskip("selenium.webdriver")
     from selenium.webdriver.chrome.service import Service
 
