@@ -11,9 +11,9 @@ from pathlib import Path
 
 import msgspec
 
-from shared import stack
+from magi import stack
+from magi.procs import free_port, stop_tree, wait_tcp
 from shared.config import Settings
-from shared.procs import free_port, stop_tree, wait_tcp
 from shared.service import MagiService
 
 

@@ -23,12 +23,13 @@ from pathlib import Path
 
 import msgspec
 
+from magi import stack
+from magi.procs import free_port
 from protos.consensus import ConsensusRecord, GetRequest
 from protos.mission import RESULT_STREAM, MissionGet, MissionReply, MissionRequest
 from protos.sched import ReleaseReply, ReleaseRequest
-from shared import bus, stack
+from shared import bus
 from shared.errors import MagiError, NotFound
-from shared.procs import free_port
 
 KILLS = ("orchestrator", "inference", "memory", "consensus", "scheduler", "agent", "nats")
 _encoder = msgspec.json.Encoder()

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import time
 
+from magi import stack
 from protos.consensus import ConsensusRecord, DecideRequest, Vote
 from protos.infer import EmbedReply, EmbedRequest
-from shared import bus, stack
+from shared import bus
 
 ANSWERS = [
     "The scheduler places each instance on the node with the most free RAM that meets its GPU needs.",

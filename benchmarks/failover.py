@@ -8,7 +8,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from shared.localcluster import LocalCluster
+from magi.localcluster import LocalCluster
 
 
 async def measure_failover(heartbeat_s: float = 1.0) -> dict[str, float]:

@@ -26,9 +26,10 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from benchmarks.infer import MAX_TOKENS, PROMPTS
+from magi import stack
+from magi.procs import free_port, stop_tree, wait_tcp
 from protos.infer import ChatMessage, GenerateReply, GenerateRequest, StreamChunk
-from shared import bus, stack
-from shared.procs import free_port, stop_tree, wait_tcp
+from shared import bus
 
 MODEL = "smollm2-135m"
 TINY_PROMPT = "Hi"

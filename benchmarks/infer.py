@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import time
 
+from magi import stack
 from protos.infer import GenerateReply, GenerateRequest
 from services.inference.catalog import default_catalog, resolve_source, threads_for
 from services.inference.engine import GenerateParams, LlamaCppEngine
-from shared import bus, stack
+from shared import bus
 
 PROMPTS = [
     "Explain how a cluster scheduler decides where to run a job.",

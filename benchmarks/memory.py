@@ -20,8 +20,9 @@ from pathlib import Path
 
 import numpy as np
 
+from magi import stack
 from protos.memory import MemoryDoc, SearchReply, SearchRequest, UpsertReply, UpsertRequest
-from shared import bus, stack
+from shared import bus
 
 DATA = Path(__file__).resolve().parent / "data" / "memory_eval.json"
 NAMESPACE = "eval"  # kept apart from any real memories in the stack

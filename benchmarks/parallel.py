@@ -17,9 +17,10 @@ from pathlib import Path
 import yaml
 
 from benchmarks.infer import PROMPTS
+from magi import stack
+from magi.procs import free_port
 from protos.infer import GenerateReply, GenerateRequest
-from shared import bus, stack
-from shared.procs import free_port
+from shared import bus
 
 log = logging.getLogger("magi.bench.parallel")
 

@@ -21,9 +21,9 @@ from benchmarks.memory import measure_memory_recall, measure_memory_scale
 from benchmarks.parallel import measure_parallel_speedup
 from benchmarks.rpc import measure_rpc_ratio
 from benchmarks.sched import measure_placement
-from shared import stack
-from shared.procs import free_port
-from shared.table import render
+from magi import stack
+from magi.procs import free_port
+from magi.table import render
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

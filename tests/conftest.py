@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shared import stack
+from magi import stack
+from magi.procs import free_port
 from shared.config import Settings
-from shared.procs import free_port
 
 
 @pytest.fixture(scope="session")

@@ -5,8 +5,8 @@ import asyncio
 import pytest
 
 from benchmarks.chaos import measure_pause, measure_redelivery, run_chaos
-from shared import stack
-from shared.procs import free_port
+from magi import stack
+from magi.procs import free_port
 
 pytestmark = pytest.mark.chaos
 

@@ -10,10 +10,11 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from magi import demo
 from protos.consensus import ConsensusRecord, GetRequest
 from protos.memory import SearchReply, SearchRequest, UpsertReply, UpsertRequest
 from protos.mission import MissionReply, MissionRequest
-from shared import bus, demo
+from shared import bus
 from shared.telemetry import read_spans
 
 pytestmark = pytest.mark.e2e
@@ -72,8 +73,8 @@ async def _assert_trace_crosses_services(home: Path, trace_id: str) -> None:
 
 
 async def test_each_clone_is_reported_as_it_finishes(nc):
+    from magi.mission_client import run_mission
     from protos.mission import CloneResult
-    from shared.mission_client import run_mission
 
     seen: list[str] = []
     mission = MissionRequest(prompt="Name a planet.", variations=["in one word", "in one line"], max_tokens=16)
@@ -104,7 +105,7 @@ async def test_mission_deadline_gives_504(nc):
 
 def test_cli_demo_uses_the_running_stack(magi_stack):
     env = dict(os.environ, MAGI_NATS_URL=magi_stack.nats_url, MAGI_HOME=magi_stack.home)
-    magi = [sys.executable, "-m", "shared.cli"]
+    magi = [sys.executable, "-m", "magi.cli"]
     out = subprocess.run([*magi, "demo"], env=env, capture_output=True, text=True, timeout=200)
     assert out.returncode == 0, out.stderr
     assert "consensus (synthesize" in out.stdout and "read back from SurrealDB: consensus:" in out.stdout

@@ -15,13 +15,13 @@ import redis.asyncio as aioredis
 from nats.errors import NoRespondersError
 from nats.micro.request import ERROR_CODE_HEADER
 
+from magi import stack
+from magi.procs import free_port
 from protos.node import ClusterReport, Heartbeat, NodesReply
 from services.agent import service as agent_service
 from services.scheduler import service as scheduler_service
 from services.scheduler.state import NODES_KEY
-from shared import stack
 from shared.config import Settings
-from shared.procs import free_port
 from tests.integration.inprocess import Running
 
 pytestmark = pytest.mark.integration

@@ -12,12 +12,13 @@ from pathlib import Path
 import pytest
 import yaml
 
+from magi import stack
+from magi.procs import free_port
 from protos.infer import CancelReply, CancelRequest, GenerateReply, GenerateRequest, ModelsReply
 from services.inference.batched import BatchedLlamaCppEngine
 from services.inference.catalog import resolve_source
 from services.inference.engine import GenerateParams, Generation, LlamaCppEngine
-from shared import bus, stack
-from shared.procs import free_port
+from shared import bus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 

@@ -8,9 +8,10 @@ import msgspec
 import nats
 import pytest
 
+from magi import stack
 from protos.node import Heartbeat, NodesReply
 from protos.sched import AssignmentsReply, DrainReply, DrainRequest, InstanceSpec, PlaceReply, PlaceRequest
-from shared import bus, stack
+from shared import bus
 from shared.errors import BadRequest, Forbidden, Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -128,10 +129,10 @@ async def test_cli_role_client_is_refused_a_drain(magi_stack):
     import sys
 
     env = {**os.environ, "MAGI_NATS_URL": magi_stack.nats_url, "MAGI_HOME": magi_stack.home}
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "drain", NODE, "--role", "client"], env=env,
+    out = subprocess.run([sys.executable, "-m", "magi.cli", "drain", NODE, "--role", "client"], env=env,
                          capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "may not publish to magi.sched.drain" in out.stderr, out.stderr
-    ok = subprocess.run([sys.executable, "-m", "shared.cli", "nodes", "--role", "client"], env=env,
+    ok = subprocess.run([sys.executable, "-m", "magi.cli", "nodes", "--role", "client"], env=env,
                         capture_output=True, text=True, timeout=60)
     assert ok.returncode == 0 and NODE in ok.stdout, ok.stderr
 

@@ -27,9 +27,9 @@ STREAM = "import itertools, time\nfor i in itertools.count(1):\n    print(f'n={i
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    import shared.stack as stack
+    import magi.stack as stack
+    from magi.procs import free_port
     from shared.config import Settings
-    from shared.procs import free_port
 
     tmp = tmp_path_factory.mktemp("cli-logs")
     cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE,))
@@ -78,7 +78,7 @@ async def cluster(servers, nc):
 def _magi(servers, *args: str, **options):
     """`magi` in its own process; the stack is found through --home alone (its state names the NATS URL)."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAGI_NATS_URL", "MAGI_HOME")}
-    argv = [sys.executable, "-m", "shared.cli", *args, "--home", servers.home]
+    argv = [sys.executable, "-m", "magi.cli", *args, "--home", servers.home]
     if options.pop("popen", False):
         return subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=60)

@@ -11,7 +11,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 def _magi(magi_stack, *args: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "MAGI_NATS_URL": magi_stack.nats_url, "MAGI_HOME": magi_stack.home}
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "magi.cli", *args], env=env, capture_output=True, text=True,
                           timeout=100)
 
 

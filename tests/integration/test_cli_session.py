@@ -13,7 +13,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 def _magi(magi_stack, *args: str, stdin: str | None = None) -> subprocess.CompletedProcess:
     """`magi` as a user runs it with nothing but --home: no MAGI_NATS_URL, no MAGI_HOME."""
     env = {k: v for k, v in os.environ.items() if k not in ("MAGI_NATS_URL", "MAGI_HOME")}
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args, "--home", magi_stack.home], env=env,
+    return subprocess.run([sys.executable, "-m", "magi.cli", *args, "--home", magi_stack.home], env=env,
                           input=stdin, capture_output=True, text=True, timeout=150)
 
 

@@ -23,9 +23,9 @@ import pytest
 import yaml
 from nats.js.api import StreamConfig
 
+from magi.procs import free_port, stop_tree
 from shared import bus
 from shared.natsauth import tls_context
-from shared.procs import free_port, stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
@@ -46,7 +46,7 @@ def _free_on_all(hosts) -> int:
 
 
 def _magi(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "shared.cli", *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run([sys.executable, "-m", "magi.cli", *args], capture_output=True, text=True, timeout=60)
 
 
 @pytest.fixture(scope="module")

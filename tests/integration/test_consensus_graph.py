@@ -5,11 +5,12 @@ import uuid
 
 import pytest
 
+from magi import stack
 from protos.consensus import ConsensusRecord, DecideRequest, GetRequest, HistoryReply, HistoryRequest, Synthesis, Vote
 from services.consensus.history import rank_by_words
 from services.consensus.store import ConsensusStore, record_key
 from services.consensus.strategies import Decision
-from shared import bus, stack
+from shared import bus
 from shared.errors import BadRequest
 
 pytestmark = pytest.mark.integration

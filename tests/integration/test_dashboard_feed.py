@@ -16,9 +16,9 @@ from urllib.parse import urlparse
 
 import pytest
 
+from magi.procs import free_port, stop_tree
 from protos.mission import MissionReply, MissionRequest
 from shared import bus
-from shared.procs import free_port, stop_tree
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 

@@ -8,10 +8,10 @@ import sys
 import psutil
 import pytest
 
+from magi.localcluster import LocalCluster
 from protos.node import ClusterReport
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
 from shared import bus
-from shared.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 

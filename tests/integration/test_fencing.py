@@ -17,14 +17,15 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
+from magi import stack
+from magi.procs import free_port
 from protos.node import Heartbeat, NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest, ReleaseReply, ReleaseRequest
 from services.agent import service as agent_service
 from services.agent import supervisor as sup
 from services.scheduler import service as scheduler_service
-from shared import bus, stack
+from shared import bus
 from shared.config import Settings
-from shared.procs import free_port
 from tests.integration.inprocess import Running
 
 pytestmark = pytest.mark.integration

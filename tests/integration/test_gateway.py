@@ -16,10 +16,11 @@ import numpy as np
 import openai
 import pytest
 
+from magi import stack
+from magi.procs import free_port, stop_tree
 from protos.gateway import GatewayInfo
 from protos.infer import EmbedReply, EmbedRequest, ModelsReply
-from shared import bus, stack
-from shared.procs import free_port, stop_tree
+from shared import bus
 from tests import reference_minilm
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
+from magi.localcluster import LocalCluster
 from protos.node import NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
 from services.scheduler.lease import LEADER_KEY
@@ -22,7 +23,6 @@ from services.scheduler.placements import EPOCH_KEY
 from services.scheduler.state import NODES_KEY
 from shared import bus
 from shared.errors import MagiError
-from shared.localcluster import LocalCluster
 
 pytestmark = pytest.mark.integration
 

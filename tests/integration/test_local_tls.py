@@ -8,8 +8,8 @@ import socket
 
 import pytest
 
-from shared import stack
-from shared.procs import free_port
+from magi import stack
+from magi.procs import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 

@@ -6,7 +6,7 @@ from urllib.parse import urlparse
 import psutil
 import pytest
 
-from shared.procs import process_tree
+from magi.procs import process_tree
 
 pytestmark = pytest.mark.integration
 

@@ -17,13 +17,13 @@ from pathlib import Path
 import msgspec
 import pytest
 
+from magi import stack
+from magi.procs import free_port
 from protos.mission import ConsensusSummary, DeadLetter, MissionReply, MissionRequest, Timings
 from services.orchestrator.queue import MissionQueue
 from services.orchestrator.results import ResultStore
 from services.orchestrator.watch import Disruptions
-from shared import stack
 from shared.errors import BadRequest, Unavailable
-from shared.procs import free_port
 from shared.telemetry import inject_headers, tracer
 
 pytestmark = pytest.mark.integration
@@ -192,7 +192,7 @@ CRASHER = """
 import asyncio, os, sys
 from services.orchestrator.queue import MissionQueue
 from services.orchestrator.watch import Disruptions
-from shared import stack
+from magi import stack
 
 async def main():
     nc = await stack.connect_as(sys.argv[1], sys.argv[2], "orchestrator")

@@ -9,10 +9,10 @@ import psutil
 import pytest
 import yaml
 
+from magi import stack
+from magi.procs import free_port
 from services.inference.ray_runtime import _temp_dir
-from shared import stack
 from shared.errors import StackError
-from shared.procs import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
 

@@ -6,9 +6,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from magi import stack
+from magi.procs import free_port
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply
-from shared import bus, stack
-from shared.procs import free_port
+from shared import bus
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -61,7 +62,7 @@ async def test_sharded_replica_lists_its_shards_and_matches_the_whole_model(nc):
 def test_shard_servers_listen_on_loopback_only(sharded_stack):
     import psutil
 
-    from shared.procs import process_tree
+    from magi.procs import process_tree
     from tests.integration.test_loopback import is_loopback
 
     ours = {p.pid for c in sharded_stack.components for p in process_tree(c.pid)}

@@ -10,8 +10,8 @@ import time
 import psutil
 import pytest
 
-from shared import stack
-from shared.procs import free_port, pid_alive, port_is_free, process_tree, stop_tree
+from magi import stack
+from magi.procs import free_port, pid_alive, port_is_free, process_tree, stop_tree
 
 pytestmark = pytest.mark.integration
 
@@ -23,7 +23,7 @@ def test_down_stops_every_process_and_port(tmp_path):
     assert len(pids) > 5  # nats, redis, postgres + its workers, inference + Ray's processes
     assert not port_is_free(cfg.nats_port) and not port_is_free(cfg.redis_port)
 
-    out = subprocess.run([sys.executable, "-m", "shared.cli", "down", "--home", str(tmp_path)],
+    out = subprocess.run([sys.executable, "-m", "magi.cli", "down", "--home", str(tmp_path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
 
@@ -120,7 +120,7 @@ def test_keeper_restarts_a_killed_service_and_nats(tmp_path):
         asyncio.run(_frozen_service_loses_its_subscriptions(tmp_path, state.nats_url))
         asyncio.run(ping())  # woken, it reconnected on its own
         env = dict(os.environ, MAGI_HOME=str(tmp_path), MAGI_NATS_URL=state.nats_url)
-        out = subprocess.run([sys.executable, "-m", "shared.cli", "status"], env=env, capture_output=True, text=True,
+        out = subprocess.run([sys.executable, "-m", "magi.cli", "status"], env=env, capture_output=True, text=True,
                              timeout=60)
         assert out.returncode == 0, out.stdout + out.stderr
         assert "restarts" in out.stdout and "magi-consensus" in out.stdout

@@ -184,7 +184,7 @@ def postgres(home: str) -> dict:
     """PostgreSQL + pgvector for host A's memory service (a unix socket in `home`, no TCP at all)."""
     from pathlib import Path
 
-    from shared.stack import StackConfig, start_postgres
+    from magi.stack import StackConfig, start_postgres
 
     pid, dsn, _ = start_postgres(StackConfig(home=Path(home)))
     return {"pid": pid, "dsn": dsn}

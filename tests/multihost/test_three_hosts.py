@@ -79,7 +79,7 @@ class Cluster:
         hosts = self.net.hosts
         nodes = [{"name": n, "host": h.address, "ram_gb": 8.0, "max_instances": 8} for n, h in hosts.items()]
         (self.work / "cluster.yaml").write_text(yaml.safe_dump({"cluster": {"name": "lab"}, "nodes": nodes}))
-        init = subprocess.run([sys.executable, "-m", "shared.cli", "cluster", "init", str(self.out), "--config",
+        init = subprocess.run([sys.executable, "-m", "magi.cli", "cluster", "init", str(self.out), "--config",
                                str(self.work / "cluster.yaml"), "--head", "a", "--nats", "a",
                                "--etc", str(self.out / "nodes" / "{node}"), "--state", str(self.work / "state" / "{node}"),
                                "--nats-port", str(NATS_PORT), "--monitor-port", "0"],

@@ -9,12 +9,12 @@ from pathlib import Path
 
 import pytest
 
+from magi.clusterinit import make_plan
 from protos.sched import InstanceSpec
 from services.agent.policy import AgentPolicy, load_policy
 from services.agent.service import plausible_epoch
 from services.scheduler.cluster import ClusterConfig, NodeConfig, unused_ssh_fields
 from shared import natsauth, roles
-from shared.clusterinit import make_plan
 from shared.config import Settings
 from shared.errors import BadRequest
 

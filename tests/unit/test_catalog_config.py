@@ -2,8 +2,8 @@ import socket
 
 import pytest
 
+from magi import stack
 from services.inference.catalog import default_catalog, load_catalog, resolve_source
-from shared import stack
 from shared.config import load_settings
 from shared.errors import BadRequest, NotFound, StackError
 

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from shared.cli import main
+from magi.cli import main
 
 pytestmark = pytest.mark.unit
 

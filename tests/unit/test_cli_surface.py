@@ -8,13 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from shared import cli, errors, stack
-from shared.procs import free_port
-from shared.table import render
+from magi import cli, stack
+from magi.procs import free_port
+from magi.table import render
+from shared import errors
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
-MAGI = [sys.executable, "-m", "shared.cli"]
+MAGI = [sys.executable, "-m", "magi.cli"]
 
 
 def _magi(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:

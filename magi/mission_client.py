@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import textwrap
+
 import msgspec
 from nats.aio.client import Client
 
+from magi.table import render
 from protos.mission import CloneResult, MissionReply, MissionRequest
 from shared import bus
 
@@ -30,3 +33,23 @@ async def run_mission(nc: Client, request: MissionRequest, progress, *, timeout:
         return await bus.request(nc, "magi.mission.run", request, MissionReply, timeout=timeout)
     finally:
         await sub.unsubscribe()
+
+
+def print_mission(reply) -> None:
+    print(f"mission {reply.mission_id}   trace {reply.trace_id}")
+    print()
+    c = reply.consensus
+    made = f"cites {', '.join(c.cited)}" if c.cited else f"winner {c.winner}"
+    print(f"consensus ({c.strategy}, agreement {c.agreement:.2f} by {c.similarity or 'words'}, {c.votes} votes, "
+          f"{made}):")
+    print(textwrap.indent(textwrap.fill(c.answer, 100), "  "))
+    print(f"stored as {reply.consensus.id}")
+    if reply.context:
+        print()
+        print(render(["memory hit", "score"], [[h.text[:90], f"{h.score:.3f}"] for h in reply.context]))
+    print()
+    rows = [[c.clone_id, c.role, c.variation or "-", c.model, c.node, c.replica, f"{c.latency_ms:.0f}",
+             "ok" if c.ok else f"failed: {c.error}"] for c in reply.clones]
+    print(render(["clone", "role", "variation", "model", "node", "replica", "ms", "result"], rows))
+    t = reply.timings
+    print(f"\ntotal {t.total_ms:.0f} ms (memory {t.memory_ms:.0f}, clones {t.clones_ms:.0f}, consensus {t.consensus_ms:.0f})")

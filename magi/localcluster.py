@@ -12,10 +12,11 @@ import sys
 import time
 from pathlib import Path
 
+from magi import stack
+from magi.procs import free_port, stop_tree
 from protos.node import NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
-from shared import bus, stack
-from shared.procs import free_port, stop_tree
+from shared import bus
 from shared.roles import agent_identity
 
 SLEEPER = [sys.executable, "-c", "import time; time.sleep(600)"]

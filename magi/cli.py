@@ -13,18 +13,19 @@ import asyncio
 import json
 import os
 import sys
-import textwrap
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import msgspec
 
-from shared import bus, stack
+from magi import stack
+from magi.mission_client import print_mission
+from magi.table import Steps, Tally, render
+from shared import bus
 from shared.config import Settings, load_settings
 from shared.errors import BadRequest, DeadlineExceeded, Forbidden, MagiError, Unavailable
 from shared.logs import setup_cli_logging
 from shared.roles import ROLES
-from shared.table import Steps, Tally, render
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UNAVAILABLE = 0, 1, 2, 3
 
@@ -170,7 +171,7 @@ async def _call(subject: str, payload, reply_type, timeout: float):
 
 
 async def _mission_with_progress(request, timeout: float):
-    from shared.mission_client import clone_count, run_mission
+    from magi.mission_client import clone_count, run_mission
 
     total = clone_count(request)
     with Tally("clones", total) as tally:
@@ -252,26 +253,6 @@ def cmd_models(args) -> int:
     return 0
 
 
-def print_mission(reply) -> None:
-    print(f"mission {reply.mission_id}   trace {reply.trace_id}")
-    print()
-    c = reply.consensus
-    made = f"cites {', '.join(c.cited)}" if c.cited else f"winner {c.winner}"
-    print(f"consensus ({c.strategy}, agreement {c.agreement:.2f} by {c.similarity or 'words'}, {c.votes} votes, "
-          f"{made}):")
-    print(textwrap.indent(textwrap.fill(c.answer, 100), "  "))
-    print(f"stored as {reply.consensus.id}")
-    if reply.context:
-        print()
-        print(render(["memory hit", "score"], [[h.text[:90], f"{h.score:.3f}"] for h in reply.context]))
-    print()
-    rows = [[c.clone_id, c.role, c.variation or "-", c.model, c.node, c.replica, f"{c.latency_ms:.0f}",
-             "ok" if c.ok else f"failed: {c.error}"] for c in reply.clones]
-    print(render(["clone", "role", "variation", "model", "node", "replica", "ms", "result"], rows))
-    t = reply.timings
-    print(f"\ntotal {t.total_ms:.0f} ms (memory {t.memory_ms:.0f}, clones {t.clones_ms:.0f}, consensus {t.consensus_ms:.0f})")
-
-
 def cmd_mission(args) -> int:
     import uuid
 
@@ -304,7 +285,7 @@ def cmd_result(args) -> int:
 
 
 def cmd_chat(args) -> int:
-    from shared.cli_chat import Chat, interactive
+    from magi.cli_chat import Chat, interactive
 
     chat = Chat(_connect, model=args.model, role=args.model_role, max_tokens=args.max_tokens)
     if args.prompt:
@@ -322,7 +303,7 @@ def cmd_chat(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from shared.cli_logs import show_logs
+    from magi.cli_logs import show_logs
 
     async def run() -> None:
         nc = await _connect()
@@ -497,8 +478,8 @@ def cmd_drain(args) -> int:
 
 
 def cmd_cluster_init(args) -> int:
+    from magi.clusterinit import init, make_plan
     from services.scheduler.cluster import load_cluster
-    from shared.clusterinit import init, make_plan
 
     cluster = load_cluster(args.config)
     try:
@@ -515,7 +496,7 @@ def cmd_cluster_init(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from shared.demo_run import run_demo
+    from magi.demo_run import run_demo
 
     return run_demo(_CONTEXT["settings"], keep=args.keep)
 
@@ -529,9 +510,11 @@ def cmd_completion(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from benchmarks.run import main as bench_main
+    # The benchmarks sit above this package (they start stacks through it), so they run as their own
+    # process rather than being imported: imports point one way.
+    import subprocess
 
-    return bench_main(args.rest)
+    return subprocess.run([sys.executable, "-m", "benchmarks.run", *args.rest]).returncode
 
 
 def cmd_protos(args) -> int:

@@ -29,10 +29,11 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+from magi import pki
+from magi.natsconf import Routes, Tls, server_config
 from services.agent.rayjoin import AUTOSCALER_METRIC_PORT, RAY_NODE_PORTS, RAY_WORKER_PORTS
 from services.scheduler.cluster import ClusterConfig, NodeConfig, unused_ssh_fields
-from shared import natsauth, pki
-from shared.natsconf import Routes, Tls, server_config
+from shared import natsauth
 from shared.roles import SERVICE_ROLES, USER_ROLES, agent_identity
 
 RAY_PORT = 6380  # seed 001's choice: 6379 is Redis's

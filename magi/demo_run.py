@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+from magi import demo, stack
+from magi.mission_client import clone_count, print_mission, run_mission
+from magi.table import Steps, Tally
 from protos.consensus import ConsensusRecord, GetRequest
 from protos.memory import UpsertReply, UpsertRequest
 from protos.mission import MissionReply
-from shared import bus, demo, stack
+from shared import bus
 from shared.config import Settings
-from shared.mission_client import clone_count, run_mission
-from shared.table import Steps, Tally
 
 
 async def _mission(settings: Settings) -> tuple[MissionReply, ConsensusRecord]:
@@ -46,8 +47,6 @@ def _running(settings: Settings) -> bool:
 
 
 def run_demo(settings: Settings, *, keep: bool) -> int:
-    from shared.cli import print_mission
-
     started_here = False
     if not _running(settings):
         with Steps() as steps:

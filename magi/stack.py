@@ -24,11 +24,12 @@ from urllib.parse import urlparse
 import msgspec
 import psutil
 
-from shared import natsauth, pki
+from magi import pki
+from magi.natsconf import Tls, server_config
+from magi.procs import free_port, pid_alive, require_free, stop_tree, tail_hint, wait_tcp
+from shared import natsauth
 from shared.config import Settings
 from shared.errors import StackError
-from shared.natsconf import Tls, server_config
-from shared.procs import free_port, pid_alive, require_free, stop_tree, tail_hint, wait_tcp
 from shared.roles import SERVICE_ROLES, USER_ROLES, agent_identity
 
 log = logging.getLogger("magi.stack")
@@ -334,7 +335,7 @@ async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
         save_state(cfg, state)
         await _wait_service(cfg, state.nats_url, name, proc, SERVICE_TIMEOUT_S.get(name, 60.0), logfile)
     progress("keeper (restarts whatever dies)")
-    keeper = spawn(cfg, "keeper", [sys.executable, "-m", "shared.keeper", str(cfg.home)], env)
+    keeper = spawn(cfg, "keeper", [sys.executable, "-m", "magi.keeper", str(cfg.home)], env)
     state.components.append(Component(name="keeper", pid=keeper.pid, log=str(cfg.log_file("keeper"))))
     save_state(cfg, state)
     progress("stack ready")

@@ -1,6 +1,6 @@
 """The local stack's keeper: restarts any of its processes that dies, as systemd does in a deployment.
 
-`magi up` starts the stack, then this process (`python -m shared.keeper HOME`). Every half second it
+`magi up` starts the stack, then this process (`python -m magi.keeper HOME`). Every half second it
 checks each component in `$MAGI_HOME/run/stack.json`; one that is gone is started again with the same
 command line and environment, after a back-off that grows while it keeps dying (0.5 s doubling to 30 s,
 reset after a minute up). Each restart is one log line in `logs/keeper.log` and a count in stack.json,
@@ -20,8 +20,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shared import stack
-from shared.procs import pid_alive
+from magi import stack
+from magi.procs import pid_alive
 
 log = logging.getLogger("magi.keeper")
 

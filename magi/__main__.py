@@ -1,0 +1,5 @@
+import sys
+
+from magi.cli import main
+
+sys.exit(main())
