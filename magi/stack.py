@@ -57,6 +57,7 @@ class StackState(msgspec.Struct, kw_only=True):
     pgdata: str
     components: list[Component] = []
     http_url: str = ""  # the OpenAI-compatible API (`.../v1`), when the gateway runs
+    nats_monitor_url: str = ""  # nats-server's HTTP monitoring (`http://127.0.0.1:<port>`), when on
 
 
 @dataclass
@@ -71,13 +72,17 @@ class StackConfig:
     agents: tuple[str, ...] = ()  # nodes whose agents get credentials up front (the local node's always does)
     http_host: str = "127.0.0.1"  # the gateway's HTTP API
     http_port: int = 0  # 0: a free port (tests, benchmarks); `magi up` passes MAGI_HTTP_PORT (8080)
+    # nats-server's monitoring port on 127.0.0.1. None: a free port (tests, benchmarks); 0: off;
+    # `magi up` passes MAGI_NATS_MONITOR_PORT (8222).
+    monitor_port: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings, **overrides) -> "StackConfig":
         nats_port = urlparse(settings.nats_url).port or 4222
         redis_port = urlparse(settings.redis_url).port or 6479
         base = dict(home=settings.home_path, nats_port=nats_port, redis_port=redis_port, node_name=settings.node_name,
-                    http_host=settings.http_host, http_port=settings.http_port)
+                    http_host=settings.http_host, http_port=settings.http_port,
+                    monitor_port=settings.nats_monitor_port)
         base.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**base)
 
@@ -155,8 +160,9 @@ def write_nats_config(cfg: StackConfig) -> Path:
     store = cfg.home / "nats"
     store.mkdir(parents=True, exist_ok=True)
     conf = store / "nats.conf"
+    monitor = f"127.0.0.1:{cfg.monitor_port}" if cfg.monitor_port else ""
     conf.write_text(server_config(listen=f"127.0.0.1:{cfg.nats_port}", store_dir=store / "jetstream",
-                                  users=natsauth.users(cfg.secrets), tls=_tls(cfg)))
+                                  users=natsauth.users(cfg.secrets), tls=_tls(cfg), monitor=monitor))
     return conf
 
 
@@ -167,6 +173,10 @@ def spawn_nats(home: Path, conf: Path, name: str = "nats") -> psutil.Popen:
 def start_nats(cfg: StackConfig) -> psutil.Popen:
     """nats-server with the stack's credentials (created on first start) and, if asked, TLS."""
     require_free(cfg.nats_port, "NATS", "set MAGI_NATS_URL (e.g. nats://127.0.0.1:4223) or pass --nats-port")
+    if cfg.monitor_port is None:
+        cfg.monitor_port = free_port()
+    if cfg.monitor_port:
+        require_free(cfg.monitor_port, "NATS monitoring", "set MAGI_NATS_MONITOR_PORT (e.g. 8223; 0: off)")
     ensure_credentials(cfg, [*cfg.agents, *([cfg.node()] if "agent" in cfg.services else [])])
     proc = spawn_nats(cfg.home, write_nats_config(cfg))
     wait_tcp(cfg.nats_port, 15, proc, cfg.log_file("nats"))
@@ -314,6 +324,7 @@ async def _up(cfg: StackConfig, state: StackState, progress: Progress) -> None:
     ensure_api_key(cfg)
     progress(f"nats-server on {cfg.nats_url}")
     nats = start_nats(cfg)
+    state.nats_monitor_url = f"http://127.0.0.1:{cfg.monitor_port}" if cfg.monitor_port else ""
     state.components.append(Component(name="nats", pid=nats.pid, log=str(cfg.log_file("nats")), argv=nats.cmdline()))
     save_state(cfg, state)
     progress(f"redis-server on {cfg.redis_url}")

@@ -68,6 +68,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     http_tls_cert: str = ""
     http_tls_key: str = ""
     api_keys_file: str = ""  # bearer API keys, one per line (or JSON); empty: `$MAGI_HOME/secrets/api_key`
+    # nats-server's HTTP monitoring (/varz, /connz, /jsz...) of the local stack, on 127.0.0.1 only (it has no
+    # authentication); 0: off.
+    nats_monitor_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8222
 
     def nats_servers(self) -> list[str]:
         """MAGI_NATS_URL may list several servers of a NATS cluster, comma-separated."""
@@ -129,6 +132,7 @@ _ENV = {
     "http_tls_cert": "MAGI_HTTP_TLS_CERT",
     "http_tls_key": "MAGI_HTTP_TLS_KEY",
     "api_keys_file": "MAGI_API_KEYS_FILE",
+    "nats_monitor_port": "MAGI_NATS_MONITOR_PORT",
     "agent_lease_s": "MAGI_AGENT_LEASE_S",
     "sched_lease_s": "MAGI_SCHED_LEASE_S",
 }
