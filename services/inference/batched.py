@@ -1,16 +1,20 @@
 """Batched decoding for llama.cpp: one context serves up to `max_batch` sequences at once.
 
 A replica with `max_batch > 1` in the catalogue runs this instead of `LlamaCppEngine`. One llama.cpp
-context with `n_seq_max = max_batch` and a unified KV cache holds every sequence; a decode thread runs
-steps: requests join and leave between steps (continuous batching), and each step decodes the next
-token of every active sequence in one `llama_decode`, which costs little more than decoding one token
-for one sequence on a CPU (the weights are read once per step, not once per sequence).
+context with `n_seq_max = max_batch` holds every sequence; a decode thread runs steps: requests join and
+leave between steps (continuous batching), and each step decodes the next token of every active sequence
+in one `llama_decode`, which costs little more than one token of one sequence on a CPU (the weights are
+read once per step, not once per sequence).
 
 Prompts that share a prefix share its KV: a newcomer's longest common prefix with a sequence already in
-the cache is copied (`llama_memory_seq_cp` only tags the cells with another sequence id; nothing is
-recomputed), and newcomers admitted in the same step that share a prefix decode it once, as batch
-entries that carry every sharing sequence's id. A mission's clones arrive together with the same context
-block, so that block is decoded once for all of them.
+the cache is copied (`llama_memory_seq_cp`), not decoded again. Newcomers of the same step that share a
+prefix with each other are admitted in waves: the first decodes it, the others copy it right after. A
+mission's clones arrive together with the same context block, so that block is decoded once for all.
+
+KV layout (`kv_unified`): by default each sequence has a buffer of its own (a copy between buffers copies
+the cells), so attention runs over exactly the cells a lone request would have and a request's answer
+does not depend on its companions. Unified, all sequences share one buffer (a copy only tags cells with
+another sequence id): faster here, but greedy answers then vary with the batch (README has both figures).
 
 What a request sees matches `LlamaCppEngine`: the prompt is rendered by llama-cpp-python's own chat
 handler (same template, BOS and stop strings), the sampler chain is the one `Llama` builds, and stop
@@ -114,8 +118,8 @@ class BatchedLlama:
 
         self._llm = _template_llama(self.model_path, self.threads)
         params = llama_cpp.llama_context_default_params()
-        # Room for every sequence's full window: the service refuses prompt + max_tokens over n_ctx, so
-        # a step can never run out of cells. Unified: sequences that share cells must live in one buffer.
+        # Room for every sequence's full window (split: n_ctx cells per sequence's buffer): the service
+        # refuses prompt + max_tokens over n_ctx, so a step can never run out of cells.
         params.n_ctx = self.n_ctx * self.max_batch
         params.n_batch = params.n_ubatch = N_BATCH
         params.n_seq_max = self.max_batch
@@ -253,8 +257,8 @@ class BatchedLlama:
             seqs = list(self._by_id.values())
             self._waiting.clear()
         for seq in seqs:
-            seq.events.put(("error", exc))
             self._release(seq)
+            seq.events.put(("error", exc))
         if not self._closing:
             llama_cpp.llama_memory_clear(self._mem, True)
 
@@ -403,11 +407,11 @@ class BatchedLlama:
             if piece:
                 seq.events.put(("piece", piece))
             seq.sent = len(seq.text)
-        seq.events.put(("done", Generation(
-            text=seq.text.decode("utf-8", errors="ignore"), prompt_tokens=seq.prompt_tokens,
-            completion_tokens=len(seq.completion), finish_reason=reason,
-            seconds=time.perf_counter() - seq.started)))
-        self._release(seq)
+        done = Generation(text=seq.text.decode("utf-8", errors="ignore"), prompt_tokens=seq.prompt_tokens,
+                          completion_tokens=len(seq.completion), finish_reason=reason,
+                          seconds=time.perf_counter() - seq.started)
+        self._release(seq)  # first: whoever gets the answer finds the slot free already
+        seq.events.put(("done", done))
 
     def _release(self, seq: _Seq) -> None:
         """Leave the batch: drop the slot's cells (shared ones stay for their other sequences)."""
@@ -483,12 +487,12 @@ class BatchedLlamaCppEngine(Engine):
 
     embedding = False
 
-    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, max_batch: int) -> None:
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, max_batch: int, kv_unified: bool = False) -> None:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.threads = threads
         self.max_batch = max_batch
-        self.core = BatchedLlama(model_path, n_ctx=n_ctx, threads=threads, max_batch=max_batch)
+        self.core = BatchedLlama(model_path, n_ctx=n_ctx, threads=threads, max_batch=max_batch, unified=kv_unified)
 
     def load(self) -> None:
         self.core.load()

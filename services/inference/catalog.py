@@ -43,6 +43,11 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # Sequences one replica decodes together (llama.cpp, batched.py): requests join and leave between
     # steps and share the KV of a common prompt prefix. 1: one request at a time, the plain engine.
     max_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)] = 1
+    # How a batched replica keeps its sequences' KV. False: a buffer per sequence, so a request's answer
+    # does not depend on what else is in the batch (temperature 0 matches max_batch 1 unless a shared
+    # prefix was copied in). True: one buffer for all (faster here, README; answers at temperature 0
+    # then vary with the batch's other sequences, as attention sums over the interleaved cells).
+    kv_unified: bool = False
 
     def __post_init__(self) -> None:
         if len(self.shard_nodes) > self.shards:

@@ -154,12 +154,23 @@ def test_an_abort_that_overtakes_its_request_and_a_deadline(batched):
     out = batched.generate(_params(PROMPTS[8]), request_id="early")
     assert out.finish_reason == "aborted" and out.completion_tokens == 0
     started = time.monotonic()
-    out = batched.generate(_params(PROMPTS[8], max_tokens=1500), deadline=started + 0.5)
+    story = "Write a long story about a lighthouse keeper and a storm."
+    out = batched.generate(_params(story, max_tokens=1500), deadline=started + 0.3)
     assert out.finish_reason == "deadline" and 0 < out.completion_tokens < 1500
     assert time.monotonic() - started < 10
 
 
-def test_clones_decode_their_shared_context_once(batched):
+@pytest.fixture(scope="module")
+def unified(model_path):
+    engine = BatchedLlamaCppEngine(model_path, n_ctx=2048, threads=2, max_batch=4, kv_unified=True)
+    engine.load()
+    yield engine
+    engine.close()
+
+
+@pytest.mark.parametrize("layout", ["batched", "unified"])
+def test_clones_decode_their_shared_context_once(layout, request):
+    batched = request.getfixturevalue(layout)
     questions = ["What should we check first?", "Which node is most at risk?", "How do we roll back?",
                  "What is the likely cause?"]
     prompts = [batched.core._render(_clone(q))[0] for q in questions]
