@@ -109,7 +109,8 @@ class ReplicaFactory:
             max_restarts=0,
             max_concurrency=pool.spec.actor_concurrency,  # a batched replica serves max_batch at once
         ).remote(replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
-                 backend=pool.spec.backend, rpc_servers=endpoints or None, max_batch=pool.spec.max_batch)
+                 backend=pool.spec.backend, rpc_servers=endpoints or None, max_batch=pool.spec.max_batch,
+                 kv_unified=pool.spec.kv_unified)
         return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
                        placed=nodes)
 
