@@ -2,7 +2,9 @@
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
 
-python := env_var_or_default("PYTHON", "python3.11")
+# PYTHON picks the interpreter .venv is built with (3.11 or 3.12); unset, an existing .venv is kept,
+# else the first of python3.11, python3.12, python3 that is 3.11 or 3.12.
+python := env_var_or_default("PYTHON", "")
 venv := ".venv"
 bin := venv + "/bin"
 
@@ -14,11 +16,41 @@ default:
 setup:
     #!/usr/bin/env bash
     set -euo pipefail
-    py="{{python}}"; command -v "$py" >/dev/null || py=python3
-    "$py" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"MAGI needs Python 3.11, found {sys.version.split()[0]}"'
-    [ -x {{bin}}/python ] || "$py" -m venv {{venv}}
+    supported="3.11 3.12"  # keep in step with pyproject.toml's requires-python and the README (a unit test checks)
+    minor() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null; }
+    venv_minor=$( [ -x {{bin}}/python ] && minor {{bin}}/python || true)
+    py="{{python}}"
+    if [ -z "$py" ] && [ -n "$venv_minor" ]; then
+        py={{bin}}/python
+    elif [ -z "$py" ]; then
+        for c in python3.11 python3.12 python3; do
+            case " $supported " in *" $(minor "$c" || true) "*) py=$c; break;; esac
+        done
+        py=${py:-python3}
+    fi
+    ver=$(minor "$py" || true)
+    case " $supported " in
+        *" $ver "*) ;;
+        *) echo "MAGI needs Python 3.11 or 3.12; ${py} is ${ver:-not runnable}. Name one with PYTHON=python3.12 just setup." >&2
+           echo "Debian 12 and Ubuntu 24.04: sudo apt install python3 python3-venv python3-dev (3.11 and 3.12);" >&2
+           echo "Debian 13 (3.13): sudo apt install pipx && pipx install uv && ~/.local/bin/uv python install 3.12," >&2
+           echo "then PYTHON=\$(~/.local/bin/uv python find 3.12) just setup  (see the README)." >&2
+           exit 1;;
+    esac
+    if [ -e {{venv}} ] && [ "$venv_minor" != "$ver" ]; then
+        echo "just setup: .venv is Python ${venv_minor:-unusable}, ${py} is ${ver}: recreating .venv" >&2
+        rm -rf {{venv}}
+    fi
+    if [ ! -x {{bin}}/python ]; then
+        if ! "$py" -m venv {{venv}}; then
+            rm -rf {{venv}}
+            echo "could not create .venv with ${py}: install the venv module (Debian/Ubuntu: sudo apt install python3-venv," >&2
+            echo "or python${ver}-venv where ${py} is not the system's python3)" >&2
+            exit 1
+        fi
+    fi
     stamp={{venv}}/.magi-installed
-    want=$(cat pyproject.toml justfile deploy/scripts/install-llama-cpp.sh | sha256sum | cut -c1-16)
+    want=$( { {{bin}}/python -VV; cat pyproject.toml justfile deploy/scripts/install-llama-cpp.sh; } | sha256sum | cut -c1-16)
     if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then exit 0; fi
     {{bin}}/pip install --quiet --upgrade pip wheel
     # llama-cpp-python first, built with the RPC backend and flags this CPU runs (see the script),
