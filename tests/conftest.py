@@ -32,15 +32,20 @@ def magi_settings(magi_stack) -> Settings:
 
 
 @pytest.fixture
-def nats_url(magi_stack) -> str:
-    """The bus `nc` connects to; a module with servers of its own overrides this."""
-    return magi_stack.nats_url
+def bus_stack(magi_stack):
+    """The servers `nc` connects to: anything with `nats_url` and `home` (where the bus's credentials live).
+    A module with servers of its own overrides this."""
+    return magi_stack
 
 
 @pytest.fixture
-def stack_home(magi_stack) -> str:
-    """Where the bus's credentials live; a module with servers of its own overrides this with `nats_url`."""
-    return magi_stack.home
+def nats_url(bus_stack) -> str:
+    return bus_stack.nats_url
+
+
+@pytest.fixture
+def stack_home(bus_stack) -> str:
+    return bus_stack.home
 
 
 @pytest.fixture

@@ -16,13 +16,13 @@ from nats.errors import NoRespondersError
 from nats.micro.request import ERROR_CODE_HEADER
 
 from magi import stack
-from magi.procs import free_port
 from protos.node import ClusterReport, Heartbeat, NodesReply
 from services.agent import service as agent_service
 from services.scheduler import service as scheduler_service
 from services.scheduler.state import NODES_KEY
 from shared.config import Settings
 from tests.integration.inprocess import Running
+from tests.integration.private_stack import agent_servers
 
 pytestmark = pytest.mark.integration
 
@@ -34,18 +34,8 @@ BIN = Path(sys.executable).parent
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
     """NATS and Redis from the local stack's own code, with no MAGI service: they run in-process here."""
-    tmp = tmp_path_factory.mktemp("agent-sched")
-    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE, "x"))
-    state = asyncio.run(stack.up(cfg))
-    policy = tmp / "agent.yaml"
-    policy.write_text(f"programs: [{json.dumps(sys.executable)}]\n")
-    try:
-        # The services run in-process with the stack's home, so each finds its own role's seed there.
-        yield Settings(nats_url=state.nats_url, redis_url=state.redis_url, home=str(tmp), node_name=NODE,
-                       agent_policy=str(policy),
-                       heartbeat_s=HEARTBEAT_S)
-    finally:
-        stack.down(tmp)
+    with agent_servers(tmp_path_factory.mktemp("agent-sched"), (NODE, "x"), heartbeat_s=HEARTBEAT_S) as settings:
+        yield settings
 
 
 @pytest.fixture
@@ -59,13 +49,8 @@ async def rds(servers):
 
 
 @pytest.fixture
-def nats_url(servers) -> str:
-    return servers.nats_url
-
-
-@pytest.fixture
-def stack_home(servers) -> str:
-    return servers.home
+def bus_stack(servers):
+    return servers
 
 
 @pytest.fixture

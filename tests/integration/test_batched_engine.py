@@ -10,15 +10,13 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
-from magi import stack
-from magi.procs import free_port
 from protos.infer import CancelReply, CancelRequest, GenerateReply, GenerateRequest, ModelsReply
 from services.inference.batched import BatchedLlamaCppEngine
 from services.inference.catalog import resolve_source
 from services.inference.engine import GenerateParams, Generation, LlamaCppEngine
 from shared import bus
+from tests.integration.private_stack import inference_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -219,25 +217,13 @@ CATALOGUE = {"models": [
 
 @pytest.fixture(scope="module")
 def batched_stack(tmp_path_factory):
-    home = Path(tmp_path_factory.mktemp("batched-home"))
-    (home / "models.yaml").write_text(yaml.safe_dump(CATALOGUE))
-    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
-                            extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
-    state = asyncio.run(stack.up(cfg))
-    try:
+    with inference_stack(Path(tmp_path_factory.mktemp("batched-home")), CATALOGUE) as state:
         yield state
-    finally:
-        stack.down(home)
 
 
 @pytest.fixture
-def nats_url(batched_stack):
-    return batched_stack.nats_url
-
-
-@pytest.fixture
-def stack_home(batched_stack):
-    return batched_stack.home
+def bus_stack(batched_stack):
+    return batched_stack
 
 
 async def _replica(nc):

@@ -15,6 +15,7 @@ import time
 
 import pytest
 
+from tests.integration.private_stack import agent_servers
 from tests.integration.test_fencing import _answers, _healthy, place, until
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
@@ -27,30 +28,13 @@ STREAM = "import itertools, time\nfor i in itertools.count(1):\n    print(f'n={i
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    import magi.stack as stack
-    from magi.procs import free_port
-    from shared.config import Settings
-
-    tmp = tmp_path_factory.mktemp("cli-logs")
-    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE,))
-    state = asyncio.run(stack.up(cfg))
-    policy = tmp / "agent.yaml"
-    policy.write_text(f"programs: [{json.dumps(sys.executable)}]\n")
-    try:
-        yield Settings(nats_url=state.nats_url, redis_url=state.redis_url, home=str(tmp), node_name=NODE,
-                       agent_policy=str(policy), heartbeat_s=0.2)
-    finally:
-        stack.down(tmp)
+    with agent_servers(tmp_path_factory.mktemp("cli-logs"), (NODE,), heartbeat_s=0.2) as settings:
+        yield settings
 
 
 @pytest.fixture
-def nats_url(servers) -> str:
-    return servers.nats_url
-
-
-@pytest.fixture
-def stack_home(servers) -> str:
-    return servers.home
+def bus_stack(servers):
+    return servers
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ the instances are real processes.
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import sys
 import time
@@ -17,8 +16,6 @@ import psutil
 import pytest
 import redis.asyncio as aioredis
 
-from magi import stack
-from magi.procs import free_port
 from protos.node import Heartbeat, NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest, ReleaseReply, ReleaseRequest
 from services.agent import service as agent_service
@@ -27,6 +24,7 @@ from services.scheduler import service as scheduler_service
 from shared import bus
 from shared.config import Settings
 from tests.integration.inprocess import Running
+from tests.integration.private_stack import agent_servers
 
 pytestmark = pytest.mark.integration
 
@@ -42,26 +40,14 @@ OWN = InstanceSpec(instance_id="own-local", ram_gb=0.0, command=[sys.executable,
 
 @pytest.fixture(scope="module")
 def servers(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("fencing")
-    cfg = stack.StackConfig(home=tmp, nats_port=free_port(), redis_port=free_port(), services=(), agents=(NODE,))
-    state = asyncio.run(stack.up(cfg))
-    policy = tmp / "agent.yaml"
-    policy.write_text(f"programs: [{json.dumps(sys.executable)}]\n")
-    try:
-        yield Settings(nats_url=state.nats_url, redis_url=state.redis_url, home=str(tmp), node_name=NODE,
-                       agent_policy=str(policy), heartbeat_s=HEARTBEAT_S, agent_lease_s=LEASE_S, sched_lease_s=0.6)
-    finally:
-        stack.down(tmp)
+    with agent_servers(tmp_path_factory.mktemp("fencing"), (NODE,), heartbeat_s=HEARTBEAT_S, agent_lease_s=LEASE_S,
+                       sched_lease_s=0.6) as settings:
+        yield settings
 
 
 @pytest.fixture
-def nats_url(servers) -> str:
-    return servers.nats_url
-
-
-@pytest.fixture
-def stack_home(servers) -> str:
-    return servers.home
+def bus_stack(servers):
+    return servers
 
 
 @pytest.fixture

@@ -4,12 +4,10 @@ RpcShard Ray actors on loopback, and it answers like the unsharded model."""
 from pathlib import Path
 
 import pytest
-import yaml
 
-from magi import stack
-from magi.procs import free_port
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply
 from shared import bus
+from tests.integration.private_stack import inference_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -23,27 +21,13 @@ CATALOGUE = {"models": [
 
 @pytest.fixture(scope="module")
 def sharded_stack(tmp_path_factory):
-    home = Path(tmp_path_factory.mktemp("sharded-home"))
-    (home / "models.yaml").write_text(yaml.safe_dump(CATALOGUE))
-    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
-                            extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
-    import asyncio
-
-    state = asyncio.run(stack.up(cfg))
-    try:
+    with inference_stack(Path(tmp_path_factory.mktemp("sharded-home")), CATALOGUE) as state:
         yield state
-    finally:
-        stack.down(home)
 
 
 @pytest.fixture
-def nats_url(sharded_stack):
-    return sharded_stack.nats_url
-
-
-@pytest.fixture
-def stack_home(sharded_stack):
-    return sharded_stack.home
+def bus_stack(sharded_stack):
+    return sharded_stack
 
 
 async def test_sharded_replica_lists_its_shards_and_matches_the_whole_model(nc):
