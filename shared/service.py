@@ -6,7 +6,10 @@ Every service is a `nats.micro` service (name, semver version, endpoints in grou
 - decodes with one reused msgspec Decoder per request type (400 naming the bad field),
 - runs the handler in its own task, so one slow request never blocks the subscription,
 - continues the caller's trace from the `traceparent` header,
-- answers errors with `Nats-Service-Error` / `Nats-Service-Error-Code` headers and a JSON body.
+- answers errors with `Nats-Service-Error` / `Nats-Service-Error-Code` headers and a JSON body,
+- counts requests, errors and a latency histogram from receipt to reply, reported in `$SRV.STATS` (`nats micro
+  stats` tells the truth; each endpoint's `data` carries `in_flight`, `latency` (see shared.histogram) and
+  whatever the service's `extra_stats` adds), which the gateway's `/metrics` turns into Prometheus metrics.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from nats.micro.service import EndpointStats, Service, ServiceConfig, ServiceSta
 
 from shared import bus, errors
 from shared.config import Settings
+from shared.histogram import Histogram
 from shared.natsauth import connect_options
 from shared.telemetry import extract_context, tracer
 
@@ -53,6 +57,12 @@ class EndpointCounters:
     in_flight: int = 0
     last_error: str = ""
     processing_ns: int = 0  # from receipt to the reply going out, summed over `requests`
+    latency: Histogram = field(default_factory=Histogram)  # the same times, bucketed: its count is `requests`
+
+    def finished(self, elapsed_ns: int) -> None:
+        self.requests += 1
+        self.processing_ns += elapsed_ns
+        self.latency.observe(elapsed_ns / 1e9)
 
 
 @dataclass
@@ -85,6 +95,8 @@ class MagiService:
         self._endpoints: list[_Endpoint] = []
         self._tasks: set[asyncio.Task] = set()
         self._service: Service | None = None
+        # Service-wide figures (queue depth, missions by outcome, the placement epoch) added to every endpoint's
+        # `$SRV.STATS` data: nats.micro has no service-level data, only per endpoint.
         self.extra_stats: Callable[[], dict] | None = None
 
     def endpoint(self, subject: str, request_type: type[Req], handler: Handler, *, max_concurrency: int = 256) -> None:
@@ -153,17 +165,24 @@ class MagiService:
     def _stats(self, stats: EndpointStats) -> dict:
         ep = next((e for e in self._endpoints if e.subject == stats.subject), None)
         data: dict = {}
-        if ep is not None:
-            data = {"errors": ep.counters.errors, "in_flight": ep.counters.in_flight, "last_error": ep.counters.last_error}
         if self.extra_stats is not None:
-            data.update(self.extra_stats())
+            try:
+                data.update(self.extra_stats())
+            except Exception:  # a broken figure must not cost the endpoints' own stats
+                log.exception("extra stats failed", extra={"service": self.name})
+        if ep is not None:
+            c = ep.counters
+            data.update(errors=c.errors, in_flight=c.in_flight, last_error=c.last_error, latency=c.latency.encode())
         return data
 
     def _dispatcher(self, ep: _Endpoint) -> Callable[[Request], Awaitable[None]]:
         async def dispatch(request: Request) -> None:
             if ep.counters.in_flight >= ep.max_concurrency:
-                ep.counters.requests += 1
-                await self._fail(ep, request, errors.Unavailable("too many requests in flight; retry later"))
+                received_ns = time.perf_counter_ns()
+                try:
+                    await self._fail(ep, request, errors.Unavailable("too many requests in flight; retry later"))
+                finally:
+                    ep.counters.finished(time.perf_counter_ns() - received_ns)
                 return
             ep.counters.in_flight += 1
             task = asyncio.create_task(self._handle(ep, request, time.perf_counter_ns()))
@@ -189,8 +208,7 @@ class MagiService:
             log.exception("could not reply", extra={"subject": ep.subject})
         finally:
             ep.counters.in_flight -= 1
-            ep.counters.requests += 1
-            ep.counters.processing_ns += time.perf_counter_ns() - received_ns
+            ep.counters.finished(time.perf_counter_ns() - received_ns)
 
     async def _call(self, ep: _Endpoint, request: Request, headers: dict[str, str]) -> msgspec.Struct:
         data = request.data

@@ -132,6 +132,12 @@ class ModelPool:
             replicas=[r.info() for r in self.replicas], queued=self.queued,
         )
 
+    def replica_stats(self, replica: Replica) -> dict:
+        info = replica.info()
+        return {"model": self.spec.name, "replica": info.replica, "node": info.node, "state": info.state,
+                "in_flight": info.in_flight, "served": info.served, "tokens": replica.tokens,
+                "tokens_per_s": info.tokens_per_s, "utilisation": info.utilisation}
+
     def stats(self) -> dict:
         ready = [r for r in self.replicas if r.state == "ready"]
         busy = sum(r.in_flight for r in self.replicas)

@@ -217,7 +217,10 @@ class Router:
         return [p.info() for p in self.pools.values()]
 
     def queue_stats(self) -> dict:
-        return {"models": {name: p.stats() for name, p in self.pools.items()}, "cancelled": self.cancelled}
+        """The service's figures in `$SRV.STATS` (the gateway's `/metrics` reads them): each model's queue and
+        counters, and each replica's load and the tokens it generated."""
+        return {"models": {name: p.stats() for name, p in self.pools.items()}, "cancelled": self.cancelled,
+                "replicas": [p.replica_stats(r) for p in self.pools.values() for r in p.replicas]}
 
     async def close(self) -> None:
         if self._follower is not None:

@@ -27,6 +27,7 @@ from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
 from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
+from nats.micro.request import ERROR_CODE_HEADER
 
 from protos.mission import DEAD_PREFIX, SUBMIT_STREAM, SUBMIT_SUBJECT, DeadLetter, MissionReply, MissionRequest
 from services.orchestrator.results import Outcome, ResultStore, ensure_streams
@@ -41,6 +42,8 @@ log = logging.getLogger("magi.orchestrator.queue")
 DURABLE = "orchestrator"
 MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SUBMIT_STREAM}.{DURABLE}"
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # before the 2nd, 3rd, ... attempt
+# How settled missions ended, counted for `$SRV.STATS` (the gateway's `magi_missions_total{outcome}`).
+OUTCOMES = ("ok", "rejected", "deadline", "failed")
 
 _decoder = msgspec.json.Decoder(MissionRequest)
 _encoder = msgspec.json.Encoder()
@@ -72,6 +75,15 @@ class _MaxDeliveries(msgspec.Struct):
 _advisory = msgspec.json.Decoder(_MaxDeliveries)
 
 
+def outcome_label(outcome: Outcome) -> str:
+    """ok; rejected (4xx: the mission itself was wrong); deadline (504); failed (any other error)."""
+    if not outcome.failed:
+        return "ok"
+    code = outcome.headers.get(ERROR_CODE_HEADER, "")
+    code_n = int(code) if code.isdigit() else 500
+    return "deadline" if code_n == 504 else "rejected" if code_n < 500 else "failed"
+
+
 def retry_delay(attempt: int) -> float:
     return RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)]
 
@@ -91,6 +103,8 @@ class MissionQueue:
         self.attempts: dict[asyncio.Task, float] = {}  # missions running now -> when they started
         disruptions.listeners.append(self._interrupt)
         self.outage = bus.Outage("mission queue", log)
+        self.outcomes = dict.fromkeys(OUTCOMES, 0)  # settled here (stored by this orchestrator)
+        self.retries = 0
         self._task: asyncio.Task | None = None
 
     def consumer_config(self) -> ConsumerConfig:
@@ -163,6 +177,8 @@ class MissionQueue:
         if outcome is None:
             return  # nak'd for a later attempt
         stored = await self.results.store(mission_id, outcome)
+        if stored:
+            self.outcomes[outcome_label(outcome)] += 1
         await msg.ack_sync()  # only now: a crash before this point means redelivery, not loss
         log.info("mission done", extra={"mission_id": mission_id, "attempt": attempt, "failed": outcome.failed,
                                         "duplicate": not stored})
@@ -191,6 +207,7 @@ class MissionQueue:
                                                            "code": error.code, "error": error.message[:200],
                                                            "disruption": lost})
             await msg.nak(delay=retry_delay(attempt))
+            self.retries += 1
             return None
         await self._dead_letter(msg, mission_id, attempt, error)
         return Outcome.of_error(error)
@@ -232,7 +249,8 @@ class MissionQueue:
                 return  # settled after all (stored, then the ack was lost with its orchestrator)
             error = Internal(f"the mission's orchestrator stopped during each of its {advisory.deliveries} attempts")
             await self._dead_letter(msg, mission_id, advisory.deliveries, error)
-            await self.results.store(mission_id, Outcome.of_error(error))
+            if await self.results.store(mission_id, Outcome.of_error(error)):
+                self.outcomes["failed"] += 1
         except Exception as exc:  # the advisory is informational: log it, never end the subscription
             log.warning("could not dead-letter a mission past max_deliver",
                         extra={"error": f"{type(exc).__name__}: {exc}"[:200]})
@@ -244,6 +262,10 @@ class MissionQueue:
                                           headers={"Nats-Msg-Id": f"dead-{mission_id}"})
         log.error("mission failed on every attempt; dead-lettered",
                   extra={"mission_id": mission_id, "attempts": attempts, "code": error.code, "error": error.message[:200]})
+
+    def stats(self) -> dict:
+        """For `$SRV.STATS`: missions settled here by outcome, attempts retried, missions running now."""
+        return {"missions": dict(self.outcomes), "mission_retries": self.retries, "missions_running": len(self.attempts)}
 
     async def close(self) -> None:
         if self._task is not None:

@@ -169,6 +169,7 @@ async def build(settings: Settings):
                          max_deliver=settings.mission_max_deliver, concurrency=settings.mission_concurrency,
                          replicas=settings.stream_replicas)
     await queue.start()
+    service.extra_stats = queue.stats  # missions by outcome, for the gateway's `/metrics`
     desk = MissionDesk(nc)
     service.endpoint("magi.mission.run", MissionRequest, desk.run)
     service.endpoint("magi.mission.get", MissionGet, desk.get)

@@ -180,6 +180,8 @@ async def build(settings: Settings):
     endpoints = SchedulerEndpoints(core, service)
     service.endpoint("magi.sched.nodes", Empty, endpoints.nodes)
     service.endpoint("magi.sched.report", Empty, endpoints.report)
+    # In `$SRV.STATS` (the gateway's `/metrics`): a standby's epoch may lag the leader's, readers take the highest.
+    service.extra_stats = lambda: {"placement_epoch": core.epoch, "leading": core.lease.held()}
     nc = await service.connect()
     await nc.subscribe(HEARTBEATS, cb=endpoints.on_heartbeat)
     duties = LeaderDuties(endpoints, settings)
