@@ -23,6 +23,7 @@ import msgspec
 from nats.aio.client import Client
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -41,6 +42,7 @@ from protos.mission import CloneResult, MissionReply, MissionRequest
 from services.gateway import mapping
 from services.gateway.dashboard import Dashboard
 from services.gateway.keys import ApiKeys
+from services.gateway.metrics import HttpMetrics, Metrics
 from services.gateway.schema import ChatRequest, CompletionRequest, EmbeddingRequest
 from shared import bus, errors
 from shared.config import Settings
@@ -144,6 +146,7 @@ class Gateway:
         self.created = int(time.time())
         self.generate_timeout = settings.request_timeout_s
         self.dashboard = Dashboard(settings, nc, keys)  # `/`: the live dashboard (its own login, see there)
+        self.metrics = Metrics(settings, nc, keys, self.counters)  # `/metrics`: Prometheus, gathered from the bus
 
     # ---- plumbing --------------------------------------------------------------------------------
 
@@ -154,10 +157,11 @@ class Gateway:
             Route("/v1/completions", self._route(self.completions, CompletionRequest), methods=["POST"]),
             Route("/v1/embeddings", self._route(self.embeddings, EmbeddingRequest), methods=["POST"]),
             Route("/health", self.health, methods=["GET"]),
+            Route("/metrics", self.metrics.endpoint, methods=["GET"]),
             *self.dashboard.routes(),
         ]
-        return Starlette(routes=routes, exception_handlers={HTTPException: self._http_exception,
-                                                            Exception: self._unexpected})
+        return Starlette(routes=routes, middleware=[Middleware(HttpMetrics, routes=self.metrics.http)],
+                         exception_handlers={HTTPException: self._http_exception, Exception: self._unexpected})
 
     async def _http_exception(self, request: Request, exc: HTTPException) -> Response:
         kind = errors.NotFound if exc.status_code == 404 else errors.BadRequest
