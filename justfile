@@ -31,10 +31,10 @@ setup:
     ver=$(minor "$py" || true)
     case " $supported " in
         *" $ver "*) ;;
-        *) echo "MAGI needs Python 3.11 or 3.12; ${py} is ${ver:-not runnable}. Name one with PYTHON=python3.12 just setup." >&2
-           echo "Debian 12 and Ubuntu 24.04: sudo apt install python3 python3-venv python3-dev (3.11 and 3.12);" >&2
-           echo "Debian 13 (3.13): sudo apt install pipx && pipx install uv && ~/.local/bin/uv python install 3.12," >&2
-           echo "then PYTHON=\$(~/.local/bin/uv python find 3.12) just setup  (see the README)." >&2
+        *) echo "MAGI needs Python ${supported// / or }; ${py} is ${ver:-not runnable}. Name one: PYTHON=python3.12 just setup" >&2
+           echo "Debian 12 (3.11) and Ubuntu 24.04 (3.12): sudo apt install python3 python3-venv" >&2
+           echo "Debian 13 (3.13): sudo apt install pipx && pipx install uv && ~/.local/bin/uv python install 3.12" >&2
+           echo "(a standalone CPython), then PYTHON=~/.local/bin/python3.12 just setup; see the README" >&2
            exit 1;;
     esac
     if [ -e {{venv}} ] && [ "$venv_minor" != "$ver" ]; then
