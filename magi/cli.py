@@ -239,10 +239,10 @@ def _models():
 
 
 def print_models(reply) -> None:
-    rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.pid, r.restarts, r.in_flight, m.queued,
-             r.served, r.tokens_per_s, f"{r.utilisation:.0%}", " ".join(r.shards) or "-"]
+    rows = [[m.name, ",".join(m.roles), r.replica, r.node, r.state, r.pid, r.restarts, f"{r.in_flight}/{m.max_batch}",
+             m.queued, r.served, r.tokens_per_s, f"{r.utilisation:.0%}", " ".join(r.shards) or "-"]
             for m in reply.models for r in m.replicas]
-    print(render(["model", "roles", "replica", "node", "state", "pid", "restarts", "in flight", "queued",
+    print(render(["model", "roles", "replica", "node", "state", "pid", "restarts", "in flight/slots", "queued",
                   "served", "tok/s", "busy", "rpc shards"], rows))
 
 

@@ -108,6 +108,7 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     threads: int
     replicas: list[ReplicaInfo] = []
     queued: int = 0  # requests waiting for a free replica
+    max_batch: int = 1  # requests one replica decodes together (its slots); a replica is free while one is
 
 
 class ModelsReply(msgspec.Struct, kw_only=True):

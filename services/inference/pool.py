@@ -129,7 +129,7 @@ class ModelPool:
         return ModelInfo(
             name=self.spec.name, backend=self.spec.backend, roles=list(self.spec.roles),
             source=self.source_path, n_ctx=self.spec.n_ctx, threads=self.threads,
-            replicas=[r.info() for r in self.replicas], queued=self.queued,
+            replicas=[r.info() for r in self.replicas], queued=self.queued, max_batch=self.spec.max_batch,
         )
 
     def replica_stats(self, replica: Replica) -> dict:

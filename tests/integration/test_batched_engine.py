@@ -229,6 +229,7 @@ def bus_stack(batched_stack):
 async def _replica(nc):
     models = await bus.request(nc, "magi.infer.models", b"{}", ModelsReply, timeout=5)
     model = next(m for m in models.models if m.name == "batched")
+    assert model.max_batch == 4  # what `magi models` and the dashboard show as each replica's slots
     return model.replicas[0], model.queued
 
 
