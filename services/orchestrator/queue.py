@@ -130,7 +130,8 @@ class MissionQueue:
                 continue
             try:
                 msgs = await self._sub.fetch(batch=free, timeout=1.0)
-            except (FetchTimeoutError, NatsTimeoutError):  # nats-py 2.16 raises the latter when nothing waits
+            except (FetchTimeoutError, NatsTimeoutError, TimeoutError):  # nothing waiting (nats-py 2.16 raises
+                # either of its own, or the bare TimeoutError of its wait when the server's reply is late)
                 self.outage.ended()
                 continue
             except asyncio.CancelledError:
@@ -275,3 +276,8 @@ class MissionQueue:
         for task in list(self.running):  # unacknowledged: JetStream hands them to another orchestrator
             task.cancel()
         await asyncio.gather(*self.running, return_exceptions=True)
+        if getattr(self, "_sub", None) is not None:  # started
+            # A fetch's answer that lands after its fetch was cancelled waits in the pull subscription's queue,
+            # which nobody reads any more, and a draining connection waits for that queue to empty (30 s).
+            with contextlib.suppress(Exception):
+                await self._sub.unsubscribe()

@@ -174,8 +174,6 @@ async def build(settings: Settings):
     service.endpoint("magi.mission.run", MissionRequest, desk.run)
     service.endpoint("magi.mission.get", MissionGet, desk.get)
 
-    async def close() -> None:
-        await queue.close()
-        await disruptions.close()
-
-    return service, close
+    # The queue stops pulling (and hands its unfinished missions back to JetStream) before the bus drains:
+    # a pull loop still fetching keeps a draining connection busy until its drain timeout.
+    return service, disruptions.close, queue.close
