@@ -41,6 +41,7 @@ from protos.infer import (
 from protos.mission import CloneResult, MissionReply, MissionRequest
 from services.gateway import mapping
 from services.gateway.dashboard import Dashboard
+from services.gateway.heartbeats import Heartbeats
 from services.gateway.keys import ApiKeys
 from services.gateway.metrics import HttpMetrics, Metrics
 from services.gateway.schema import ChatRequest, CompletionRequest, EmbeddingRequest
@@ -145,8 +146,9 @@ class Gateway:
         self.counters = Counters()
         self.created = int(time.time())
         self.generate_timeout = settings.request_timeout_s
-        self.dashboard = Dashboard(settings, nc, keys)  # `/`: the live dashboard (its own login, see there)
-        self.metrics = Metrics(settings, nc, keys, self.counters)  # `/metrics`: Prometheus, gathered from the bus
+        self.heartbeats = Heartbeats(nc)  # one subscription for the two below
+        self.dashboard = Dashboard(settings, nc, keys, self.heartbeats)  # `/`: the live dashboard (its own login)
+        self.metrics = Metrics(settings, nc, keys, self.counters, self.heartbeats)  # `/metrics`: Prometheus
 
     # ---- plumbing --------------------------------------------------------------------------------
 

@@ -42,6 +42,7 @@ from protos.mission import (
     MissionStarted,
 )
 from protos.node import ClusterReport, Heartbeat, NodesReply
+from services.gateway.heartbeats import Heartbeats
 from shared import bus
 from shared.errors import MagiError
 
@@ -56,7 +57,6 @@ ASK_TIMEOUT_S = 3.0
 SEED_MISSIONS = 10
 
 _encoder = msgspec.json.Encoder()
-_heartbeat = msgspec.json.Decoder(Heartbeat)
 _event = msgspec.json.Decoder(MissionEvent)
 
 
@@ -152,10 +152,11 @@ def _from_reply(reply: MissionReply, at: float) -> dict:
 
 
 class ClusterView:
-    def __init__(self, nc: Client) -> None:
+    def __init__(self, nc: Client, heartbeats: Heartbeats) -> None:
         self.nc = nc
         self.hub = Hub()
-        self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}  # node -> (newest heartbeat, received at)
+        self.heartbeats = heartbeats.latest  # node -> (newest heartbeat, received at), shared with `/metrics`
+        heartbeats.listeners.append(self._on_heartbeat)
         self.status: dict[str, tuple[str, float | None]] = {}  # node -> the scheduler's (status, last seen s)
         self.models: list = []
         self.report: dict | None = None
@@ -168,8 +169,7 @@ class ClusterView:
         self._tasks: list[asyncio.Task] = []
 
     async def start(self) -> None:
-        self._subs = [await self.nc.subscribe("magi.node.*.heartbeat", cb=self._on_heartbeat),
-                      await self.nc.subscribe(f"{EVENTS_PREFIX}.>", cb=self._on_mission_event)]
+        self._subs = [await self.nc.subscribe(f"{EVENTS_PREFIX}.>", cb=self._on_mission_event)]
         self._tasks = [asyncio.create_task(self._ticker(), name="dashboard-ticker"),
                        asyncio.create_task(self._seed_history(), name="dashboard-history")]
 
@@ -184,14 +184,7 @@ class ClusterView:
 
     # ---- from the bus ----------------------------------------------------------------------------
 
-    async def _on_heartbeat(self, msg) -> None:
-        try:
-            hb = _heartbeat.decode(msg.data)
-        except msgspec.DecodeError:
-            return
-        if msg.subject.split(".")[2] != hb.node:
-            return  # a node speaks only for itself (the agent's permissions say so too)
-        self.heartbeats[hb.node] = (hb, time.monotonic())
+    def _on_heartbeat(self, _hb: Heartbeat) -> None:
         self._nodes_dirty = True
 
     async def _on_mission_event(self, msg) -> None:

@@ -26,6 +26,7 @@ from starlette.responses import Response
 from starlette.routing import Route
 
 from services.gateway.cluster_view import ClusterView, sse
+from services.gateway.heartbeats import Heartbeats
 from services.gateway.keys import ApiKeys
 from shared.config import Settings
 
@@ -145,8 +146,8 @@ class Feed:
 
 
 class Dashboard:
-    def __init__(self, settings: Settings, nc: Client, keys: ApiKeys) -> None:
-        self.view = ClusterView(nc)
+    def __init__(self, settings: Settings, nc: Client, keys: ApiKeys, heartbeats: Heartbeats) -> None:
+        self.view = ClusterView(nc, heartbeats)
         self.sessions = Sessions(keys)
         self.secure_cookie = bool(settings.http_tls_cert)
         self.files = _static_files()

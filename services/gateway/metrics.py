@@ -31,8 +31,9 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from protos.common import Empty
-from protos.node import Heartbeat, NodesReply
+from protos.node import NodesReply
 from services.gateway import mapping
+from services.gateway.heartbeats import Heartbeats
 from services.gateway.keys import ApiKeys
 from services.gateway.metric_families import NodeSeen, RouteStats, Snapshot, build
 from shared import bus
@@ -46,7 +47,6 @@ QUIET_S = 0.05  # once as many instances answered as last time: stop when none m
 FORGET_NODE_S = 3600.0  # a node neither heard nor listed by the scheduler this long leaves the metrics
 METHODS = {"GET", "POST", "PUT", "DELETE", "PATCH", "HEAD", "OPTIONS"}
 
-_heartbeat = msgspec.json.Decoder(Heartbeat)
 _reply = msgspec.json.Decoder(dict)
 
 
@@ -84,33 +84,21 @@ class HttpMetrics:
 
 
 class Metrics(Collector):
-    def __init__(self, settings: Settings, nc: Client, keys: ApiKeys, gateway_counters) -> None:
+    def __init__(self, settings: Settings, nc: Client, keys: ApiKeys, gateway_counters, heartbeats: Heartbeats) -> None:
         self.settings = settings
         self.nc = nc
         self.keys = keys
         self.gateway_counters = gateway_counters  # app.Counters
         self.http: dict[tuple[str, str], RouteStats] = {}
-        self.heartbeats: dict[str, tuple[Heartbeat, float]] = {}  # node -> (newest heartbeat, received at)
+        self.heartbeats = heartbeats.latest  # node -> (newest heartbeat, received at), shared with the dashboard
         self.snapshot = Snapshot()
         self.registry = CollectorRegistry(auto_describe=False)  # its own: nothing of this process's globals
         self.registry.register(self)
         self._expected = 0  # instances that answered `$SRV.STATS` last time
         self._gathering: asyncio.Future | None = None
 
-    async def start(self) -> None:
-        """Hear heartbeats (the subscription ends with the gateway's connection)."""
-        await self.nc.subscribe("magi.node.*.heartbeat", cb=self._on_heartbeat)
-
     def middleware(self, app) -> HttpMetrics:
         return HttpMetrics(app, self.http)
-
-    async def _on_heartbeat(self, msg) -> None:
-        try:
-            hb = _heartbeat.decode(msg.data)
-        except msgspec.DecodeError:
-            return
-        if msg.subject.split(".")[2] == hb.node:  # a node speaks only for itself
-            self.heartbeats[hb.node] = (hb, time.monotonic())
 
     # ---- the route ---------------------------------------------------------------------------------
 
@@ -184,10 +172,8 @@ class Metrics(Collector):
     def _nodes(self, reply: NodesReply | None) -> dict[str, NodeSeen]:
         """Each node's newest heartbeat (ours, or the scheduler's when it heard one later) and status."""
         now = time.monotonic()
-        for name, (_, received) in list(self.heartbeats.items()):
-            if now - received > FORGET_NODE_S:
-                del self.heartbeats[name]
-        seen = {name: NodeSeen(heartbeat=hb, age_s=now - received) for name, (hb, received) in self.heartbeats.items()}
+        seen = {name: NodeSeen(heartbeat=hb, age_s=now - received) for name, (hb, received) in self.heartbeats.items()
+                if now - received <= FORGET_NODE_S}
         for state in reply.nodes if reply else []:
             mine = seen.get(state.name)
             theirs_fresher = state.last_seen_s is not None and (mine is None or mine.age_s is None

@@ -63,7 +63,7 @@ async def build(settings: Settings):
     nc = await service.connect()
     gateway = Gateway(settings, nc, ApiKeys(settings.api_keys_path()))
     await gateway.dashboard.start()
-    await gateway.metrics.start()
+    await gateway.heartbeats.start()
     tls = tls_options(settings)
     sock = listen(settings.http_host, settings.http_port)
     url = base_url(settings.http_host, sock.getsockname()[1], bool(tls))
