@@ -93,8 +93,8 @@ down:
     {{bin}}/magi down
 
 # benchmarks: ratios against baselines measured in the same run; writes benchmarks/results/latest.json
-bench: setup
-    {{bin}}/magi bench
+bench *args: setup
+    {{bin}}/magi bench {{args}}
 
 # export JSON Schemas of every contract to protos/schema/
 protos: setup
