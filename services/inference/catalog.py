@@ -83,7 +83,11 @@ class Catalog(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 def default_catalog() -> Catalog:
     return Catalog(
         models=[
-            ModelSpec(name="smollm2-135m", roles=["heavy", "fast"], replicas=2),
+            # One batched replica with every core: on one machine it beats two unbatched replicas on half the
+            # cores each for a mission's clones (decoded together, their shared context once) and equals one
+            # plain replica for a lone request (README, "Batched decoding"; benchmarks/seed.py). One KV buffer
+            # for all sequences: faster here than a buffer each, and clones sample at temperature 0.7 anyway.
+            ModelSpec(name="smollm2-135m", roles=["heavy", "fast"], replicas=1, max_batch=10, kv_unified=True),
             # A trained sentence-embedding model (all-MiniLM-L6-v2, 384 dimensions), converted from its wheel.
             ModelSpec(name="all-minilm-l6-v2", source=minilm.PACKAGE, roles=["embed"], replicas=1, n_ctx=512),
         ]
