@@ -7,7 +7,10 @@ in one `llama_decode`, which costs little more than one token of one sequence on
 read once per step, not once per sequence).
 
 Prompts that share a prefix share its KV: a newcomer's longest common prefix with a sequence already in
-the cache is copied (`llama_memory_seq_cp`), not decoded again. Newcomers of the same step that share a
+the cache is copied (`llama_memory_seq_cp`), not decoded again. A finished sequence's cells stay in its
+slot until the slot is needed (as llama-server keeps a slot's prompt), so the next request that starts the
+same way (the chat template's system prompt, a mission's context) finds them there, as a lone request on
+the plain engine finds its predecessor's prompt in `Llama`'s cache. Newcomers of the same step that share a
 prefix with each other are admitted in waves: the first decodes it, the others copy it right after. A
 mission's clones arrive together with the same context block, so that block is decoded once for all.
 
@@ -103,6 +106,8 @@ class BatchedLlama:
         self._cv = threading.Condition()
         self._waiting: list[_Seq] = []
         self._active: dict[int, _Seq] = {}  # slot -> sequence
+        # Free slots whose cells still hold a finished sequence's tokens, least recently finished first.
+        self._idle: dict[int, list[int]] = {}
         self._by_id: dict[str, _Seq] = {}
         self._closing = False
         # Aborts that arrived before their request (the control call overtook it): honoured on submit.
@@ -237,10 +242,17 @@ class BatchedLlama:
             if seq.aborted:
                 self._finish(seq, "aborted")
                 continue
-            seq.slot = free.pop(0)
+            seq.slot = self._slot_for(seq, free)
+            free.remove(seq.slot)
             self._active[seq.slot] = seq
             taken.append(seq)
         return taken
+
+    def _slot_for(self, seq: _Seq, free: list[int]) -> int:
+        """The free slot whose kept cells share most of this prompt; else one that keeps nothing; else the
+        one kept longest (its cells are dropped when the sequence starts)."""
+        age = {slot: i for i, slot in enumerate(self._idle)}
+        return max(free, key=lambda s: (_common(seq.prompt, self._idle.get(s, [])), s not in age, -age.get(s, 0)))
 
     def _expire(self) -> None:
         now = time.monotonic()
@@ -259,6 +271,7 @@ class BatchedLlama:
         for seq in seqs:
             self._release(seq)
             seq.events.put(("error", exc))
+        self._idle.clear()
         if not self._closing:
             llama_cpp.llama_memory_clear(self._mem, True)
 
@@ -270,7 +283,7 @@ class BatchedLlama:
         while newcomers:
             wave, later = [], []
             for seq in newcomers:
-                cached = max((_common(seq.prompt, o.cached) for o in self._active.values()), default=0)
+                cached = max((_common(seq.prompt, t) for t in self._cached_tokens()), default=0)
                 pending = max((_common(seq.prompt, o.prompt) for o in wave), default=0)
                 (later if min(pending, len(seq.prompt) - 1) > cached else wave).append(seq)
             self._prefill(wave)
@@ -300,17 +313,27 @@ class BatchedLlama:
                     seq.cached = list(seq.prompt)
                     self._advance(seq, llama_cpp.llama_sampler_sample(seq.chain, self._ctx.ctx, at))
 
+    def _cached_tokens(self) -> list[list[int]]:
+        return [o.cached for o in self._active.values()] + list(self._idle.values())
+
     def _copy_cached_prefix(self, seq: _Seq) -> int:
-        """Give this sequence the longest prompt prefix some active sequence holds; its length."""
+        """Give this sequence the longest prompt prefix its slot kept or another slot holds; its length."""
         import llama_cpp
 
-        best, source = 0, -1
-        for other in self._active.values():
-            n = _common(seq.prompt, other.cached) if other is not seq else 0
-            if n > best:
-                best, source = n, other.slot
         # At least the last prompt token is decoded again: its logits give the first sampled token.
-        best = min(best, len(seq.prompt) - 1)
+        most = len(seq.prompt) - 1
+        kept = min(_common(seq.prompt, self._idle.pop(seq.slot, [])), most)
+        best, source = 0, -1
+        holders = [(o.slot, o.cached) for o in self._active.values() if o is not seq] + list(self._idle.items())
+        for slot, tokens in holders:
+            n = _common(seq.prompt, tokens)
+            if n > best:
+                best, source = n, slot
+        best = min(best, most)
+        if kept > 0 and kept >= best:
+            llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, kept, -1)  # keep the shared start in place
+            return kept
+        llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)  # whatever the slot kept, if anything
         if best <= 0:
             return 0
         if self.unified:
@@ -414,12 +437,12 @@ class BatchedLlama:
         seq.events.put(("done", done))
 
     def _release(self, seq: _Seq) -> None:
-        """Leave the batch: drop the slot's cells (shared ones stay for their other sequences)."""
+        """Leave the batch; the slot keeps the sequence's cells for a later prompt that starts the same way."""
         import llama_cpp
 
         if seq.slot >= 0 and self._active.get(seq.slot) is seq:
             del self._active[seq.slot]
-            llama_cpp.llama_memory_seq_rm(self._mem, seq.slot, -1, -1)
+            self._idle[seq.slot] = seq.cached
         if seq.chain is not None:
             llama_cpp.llama_sampler_free(seq.chain)
             seq.chain = None

@@ -183,6 +183,16 @@ def test_clones_decode_their_shared_context_once(layout, request):
     assert all(o.finish_reason == "length" and o.text for o in outs)
 
 
+def test_a_lone_request_reuses_what_a_finished_one_kept(batched):
+    first, second = _clone("Which node is most at risk?"), _clone("What is plan B?")
+    batched.generate(first)  # finished: its slot keeps its cells
+    common = len(_common_prefix(batched.core._render(first)[0], batched.core._render(second)[0]))
+    before = dict(batched.core.stats)
+    out = batched.generate(second)
+    assert batched.core.stats["prompt_shared"] - before["prompt_shared"] >= common > 40
+    assert out.text and out.finish_reason in ("length", "stop")
+
+
 def _common_prefix(a: list[int], b: list[int]) -> list[int]:
     n = 0
     while n < min(len(a), len(b)) and a[n] == b[n]:
@@ -192,6 +202,9 @@ def _common_prefix(a: list[int], b: list[int]) -> list[int]:
 
 def test_a_seed_gives_the_same_sample_alone_or_batched(batched):
     params = _params(PROMPTS[9], max_tokens=24, temperature=0.9, seed=11)
+    # Once run, a prompt is kept in a slot and later runs reuse it (as `Llama` reuses its last prompt): run it
+    # once first, so every run compared below starts from the same cache.
+    batched.generate(params)
     alone = batched.generate(params).text
     together = _together([lambda: batched.generate(params),
                           lambda: batched.generate(_params(PROMPTS[10], max_tokens=30, temperature=0.9, seed=3))])
