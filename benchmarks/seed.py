@@ -145,23 +145,29 @@ async def _timed(work) -> float:
     return time.perf_counter() - started
 
 
-async def _local_round(local: _Local, rows: dict[str, _Row], questions: list[str]) -> None:
-    async def sequential_generations(prompts: list[str]) -> None:
-        for prompt in prompts:
-            local.generate(prompt)
+# Operations of each row per round: enough that the rows' means settle (a generation's length varies).
+PER_ROUND = {"single": 3, "parallel10": 1, "memory_inference": 3, "full_op": 2}
 
-    rows["single"].local_s.append(await _timed(sequential_generations(questions[:1])))
-    rows["parallel10"].local_s.append(await _timed(sequential_generations(questions)))
-    rows["memory_inference"].local_s.append(await _timed(local.memory_inference(questions[1])))
-    rows["full_op"].local_s.append(await _timed(local.full_op(_mission(questions[2]))))
+
+async def _local_round(local: _Local, rows: dict[str, _Row], questions: list[str]) -> None:
+    for i in range(PER_ROUND["single"]):
+        rows["single"].local_s.append(await _timed(asyncio.to_thread(local.generate, questions[i])))
+    rows["parallel10"].local_s.append(await _timed(asyncio.to_thread(lambda: [local.generate(q) for q in questions])))
+    for i in range(PER_ROUND["memory_inference"]):
+        rows["memory_inference"].local_s.append(await _timed(local.memory_inference(questions[i])))
+    for i in range(PER_ROUND["full_op"]):
+        rows["full_op"].local_s.append(await _timed(local.full_op(_mission(questions[i]))))
 
 
 async def _magi_round(magi: _Magi, rows: dict[str, _Row], questions: list[str]) -> None:
-    rows["single"].magi_s.append(await _timed(magi.generate(questions[0])))
+    for i in range(PER_ROUND["single"]):
+        rows["single"].magi_s.append(await _timed(magi.generate(questions[i])))
     burst = asyncio.gather(*(magi.generate(q) for q in questions))
     rows["parallel10"].magi_s.append(await _timed(burst))
-    rows["memory_inference"].magi_s.append(await _timed(magi.memory_inference(questions[1])))
-    rows["full_op"].magi_s.append(await _timed(magi.full_op(_mission(questions[2]))))
+    for i in range(PER_ROUND["memory_inference"]):
+        rows["memory_inference"].magi_s.append(await _timed(magi.memory_inference(questions[i])))
+    for i in range(PER_ROUND["full_op"]):
+        rows["full_op"].magi_s.append(await _timed(magi.full_op(_mission(questions[i]))))
 
 
 async def _seed_memory(nc) -> None:
@@ -202,7 +208,7 @@ def _figures(rows: dict[str, _Row]) -> dict[str, float]:
         out[f"seed.{name}.magi_ms"] = round(magi_ms, 1)
         out[f"seed.{name}.speedup"] = round(local_ms / magi_ms, 4)
         out[f"seed.{name}.seed_speedup"] = SEED[name][2]
-    out["seed.rounds"] = len(rows["single"].local_s)
+    out["seed.rounds"] = len(rows["parallel10"].local_s)
     out["seed.cores"] = os.cpu_count() or 1
     return out
 
