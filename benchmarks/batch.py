@@ -44,33 +44,41 @@ def _catalogue() -> dict:
                        {"name": "split", "roles": ["fast"], "max_batch": len(QUESTIONS), **model}]}
 
 
-async def _generate(nc, model: str, question: str) -> int:
+async def _generate(nc, model: str, question: str) -> GenerateReply:
     request = GenerateRequest(model=model, messages=[ChatMessage(role="system", content=CONTEXT),
                                                      ChatMessage(role="user", content=question)],
                               max_tokens=MAX_TOKENS, temperature=0.0, seed=0, timeout_s=600.0)
-    reply = await bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=600)
-    return reply.usage.completion_tokens
+    return await bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=600)
 
 
-async def _burst(nc, model: str, questions: list[str]) -> tuple[int, float]:
+async def _burst(nc, model: str, questions: list[str]) -> tuple[int, float, list[str]]:
     started = time.perf_counter()
-    tokens = await asyncio.gather(*(_generate(nc, model, q) for q in questions))
-    return sum(tokens), time.perf_counter() - started
+    replies = await asyncio.gather(*(_generate(nc, model, q) for q in questions))
+    return sum(r.usage.completion_tokens for r in replies), time.perf_counter() - started, [r.text for r in replies]
 
 
-async def _rounds(nc, rounds: int, progress) -> dict[str, list[float]]:
+async def _rounds(nc, rounds: int, progress) -> tuple[dict[str, list[float]], dict[str, list[list[str]]]]:
+    """Tokens and seconds per model and burst size; and each round's ten answers per model."""
     totals = {f"{m}{n}": [0, 0.0] for m in MODELS for n in (10, 1)}
+    answers: dict[str, list[list[str]]] = {m: [] for m in MODELS}
     for r in range(rounds):
         for model in MODELS:
             progress(f"round {r + 1}/{rounds}: {len(QUESTIONS)} clones on `{model}`")
-            tokens, seconds = await _burst(nc, model, QUESTIONS)
+            tokens, seconds, texts = await _burst(nc, model, QUESTIONS)
             totals[f"{model}10"][0] += tokens
             totals[f"{model}10"][1] += seconds
+            answers[model].append(texts)
             for question in QUESTIONS[:SINGLES]:  # one request alone on the replica, one after another
-                tokens, seconds = await _burst(nc, model, [question])
+                tokens, seconds, _ = await _burst(nc, model, [question])
                 totals[f"{model}1"][0] += tokens
                 totals[f"{model}1"][1] += seconds
-    return totals
+    return totals, answers
+
+
+def _same_as_sequential(answers: dict[str, list[list[str]]], model: str) -> float:
+    """Share of batched answers (temperature 0) identical to the plain engine's in the same round."""
+    pairs = [(a, b) for seq, other in zip(answers["seq"], answers[model]) for a, b in zip(seq, other)]
+    return round(sum(a == b for a, b in pairs) / len(pairs), 4)
 
 
 async def measure_batch_speedup(progress=lambda _m: None, rounds: int = 3) -> dict[str, float]:
@@ -85,7 +93,7 @@ async def measure_batch_speedup(progress=lambda _m: None, rounds: int = 3) -> di
             try:
                 for model in MODELS:  # untimed: first calls pay one-off costs
                     await _burst(nc, model, QUESTIONS[:2])
-                totals = await _rounds(nc, rounds, progress)
+                totals, answers = await _rounds(nc, rounds, progress)
             finally:
                 await nc.close()
         finally:
@@ -100,6 +108,9 @@ async def measure_batch_speedup(progress=lambda _m: None, rounds: int = 3) -> di
         "infer.batch10.split.tokens_per_s.ratio_vs_sequential": round(rate["split10"] / rate["seq10"], 4),
         "infer.batch1.tokens_per_s.ratio_vs_plain": round(rate["unified1"] / rate["seq1"], 4),
         "infer.batch1.split.tokens_per_s.ratio_vs_plain": round(rate["split1"] / rate["seq1"], 4),
+        # How often llama.cpp's batched kernels change a greedy answer (the README discusses why).
+        "infer.batch10.same_answer_at_temp0": _same_as_sequential(answers, "unified"),
+        "infer.batch10.split.same_answer_at_temp0": _same_as_sequential(answers, "split"),
     }
 
 
