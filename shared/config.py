@@ -58,6 +58,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # missions are redelivered this long after its last sign of life.
     mission_ack_wait_s: float = 6.0
     mission_max_deliver: int = 8  # attempts (over about 90 s) before a failing mission goes to `magi.mission.dead.<id>`
+    # This node's cache of model files from the bus's model store (`$MAGI_HOME/models`), least recently used
+    # evicted past this size; 0: no limit.
+    model_cache_bytes: Annotated[int, msgspec.Meta(ge=0)] = 20 * 2**30
     mission_concurrency: int = 16  # missions one orchestrator runs at once
     # The OpenAI-compatible HTTP gateway (services/gateway): loopback only unless told otherwise.
     http_host: str = "127.0.0.1"
@@ -135,6 +138,7 @@ _ENV = {
     "nats_monitor_port": "MAGI_NATS_MONITOR_PORT",
     "agent_lease_s": "MAGI_AGENT_LEASE_S",
     "sched_lease_s": "MAGI_SCHED_LEASE_S",
+    "model_cache_bytes": "MAGI_MODEL_CACHE_BYTES",
 }
 
 
