@@ -247,9 +247,29 @@ def print_models(reply) -> None:
 
 
 def cmd_models(args) -> int:
+    if args.action != "list":
+        return _models_store(args)
     reply = _models()
     if not _emit(reply, args.json):
         print_models(reply)
+    return 0
+
+
+def _models_store(args) -> int:
+    from magi import cli_models
+
+    async def run():
+        nc = await _connect()
+        try:
+            return await cli_models.run(nc, _CONTEXT["settings"], args.action, args.args, digest=args.digest)
+        finally:
+            await nc.close()
+
+    models, path = asyncio.run(run())
+    if not _emit(models, args.json):
+        cli_models.print_models(models)
+        if path is not None:
+            print(f"cached at {path}")
     return 0
 
 
@@ -584,7 +604,12 @@ def _stack_commands(add) -> None:
 
 def _cluster_commands(add) -> None:
     add("nodes", cmd_nodes, "nodes the scheduler knows")
-    add("models", cmd_models, "models and replicas")
+    p = add("models", cmd_models, "models and replicas; add, list (files), remove or fetch model files in the "
+                                  "bus's model store")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "files", "rm", "fetch"],
+                   help="list (default): models and replicas; add NAME FILE|PACKAGE; files; rm NAME; fetch NAME")
+    p.add_argument("args", nargs="*", help="add: NAME and a .gguf or a package that ships one; rm, fetch: NAME")
+    p.add_argument("--digest", default="", help="fetch: only these bytes (sha256:HEX)")
     add("report", cmd_report, "the cluster resource report")
     p = add("logs", cmd_logs, "an instance's output: the last lines its node keeps, and with -f every new one")
     p.add_argument("node", help="the node the instance runs on")
