@@ -1,9 +1,10 @@
 import socket
 
+import msgspec
 import pytest
 
 from magi import stack
-from services.inference.catalog import default_catalog, load_catalog, resolve_source
+from services.inference.catalog import Catalog, default_catalog, load_catalog, resolve_source
 from shared.config import load_settings
 from shared.errors import BadRequest, NotFound, StackError
 
@@ -68,6 +69,8 @@ def test_generation_replicas_split_the_cores_and_the_embedder_gets_up_to_two(mon
     catalog = default_catalog()
     generate, embed = catalog.models
     monkeypatch.setattr("os.cpu_count", lambda: 8)
-    assert threads_for(generate, catalog) == 4 and threads_for(embed, catalog) == 2  # two generation replicas
+    assert threads_for(generate, catalog) == 8 and threads_for(embed, catalog) == 2  # one batched replica
+    two = Catalog(models=[msgspec.structs.replace(generate, replicas=2), embed])
+    assert threads_for(two.models[0], two) == 4  # two generation replicas split the cores
     monkeypatch.setattr("os.cpu_count", lambda: 1)
     assert threads_for(generate, catalog) == 1 and threads_for(embed, catalog) == 1
