@@ -9,6 +9,7 @@ from nats.aio.client import Client
 
 from magi.table import render
 from protos.mission import CloneResult, MissionReply, MissionRequest
+from services.orchestrator.timings import stage_overheads
 from shared import bus
 
 
@@ -53,3 +54,10 @@ def print_mission(reply) -> None:
     print(render(["clone", "role", "variation", "model", "node", "replica", "ms", "result"], rows))
     t = reply.timings
     print(f"\ntotal {t.total_ms:.0f} ms (memory {t.memory_ms:.0f}, clones {t.clones_ms:.0f}, consensus {t.consensus_ms:.0f})")
+    print(overhead_line(t))
+
+
+def overhead_line(t) -> str:
+    """The mission's time outside the engines, and each stage's share of it (wall less engine time)."""
+    shares = ", ".join(f"{name} {ms:.1f}" for name, ms in stage_overheads(t).items())
+    return f"overhead {t.overhead_ms:.1f} ms outside the engines' {t.engine_ms:.0f} ms ({shares})"

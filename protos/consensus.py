@@ -66,6 +66,9 @@ class ConsensusRecord(msgspec.Struct, kw_only=True):
     similarity: str = "words"
     prompt: str = ""
     synthesis: Synthesis | None = None  # set when the answer was written by `synthesize`
+    # Milliseconds the engines spent for this decision (embedding the answers, writing and embedding a synthesis),
+    # one call after another. Set on `magi.consensus.decide`'s reply only; not stored (0 when read back).
+    engine_ms: float = 0.0
 
 
 class GetRequest(msgspec.Struct, kw_only=True):

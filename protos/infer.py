@@ -48,6 +48,10 @@ class GenerateReply(msgspec.Struct, kw_only=True):
     finish_reason: str = ""
     request_id: str = ""
     attempts: int = 1  # 2 when the first replica died mid-generation and another one finished it
+    # Milliseconds the replica spent inside its engine for this request (measured in the actor around the engine
+    # call; for a batched engine that is from the request's submission to its finish, so a wait for a free batch
+    # slot counts: the engine was busy). latency_ms less this is the service's own share (routing, Ray, queue).
+    engine_ms: float = 0.0
 
 
 class StreamChunk(msgspec.Struct, kw_only=True):
@@ -84,6 +88,7 @@ class EmbedReply(msgspec.Struct, kw_only=True):
     node: str = ""
     replica: str = ""
     prompt_tokens: int = 0  # the texts' tokens as the model counts them (0 where the backend does not say)
+    engine_ms: float = 0.0  # milliseconds the replica spent inside its engine computing these vectors
 
 
 class ReplicaInfo(msgspec.Struct, kw_only=True):

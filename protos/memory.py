@@ -31,6 +31,7 @@ class UpsertReply(msgspec.Struct, kw_only=True):
     ids: list[str]
     count: int
     chunks: list[int] = []  # chunks stored per document, in order
+    embed_ms: float = 0.0  # milliseconds the embedding engine spent on these documents' chunks (EmbedReply.engine_ms)
 
 
 class SearchRequest(msgspec.Struct, kw_only=True):
@@ -67,6 +68,7 @@ class SearchReply(msgspec.Struct, kw_only=True):
     hits: list[SearchHit]
     dim: int = 0
     mode: str = ""  # the mode that ranked the hits
+    embed_ms: float = 0.0  # milliseconds the embedding engine spent on the query's vector (0: none was made)
 
 
 class ListRequest(msgspec.Struct, kw_only=True):

@@ -11,6 +11,7 @@ import numpy as np
 
 from protos.consensus import ConsensusRecord, DecideRequest, GetRequest, HistoryReply, HistoryRequest, Vote
 from protos.infer import EmbedReply, EmbedRequest
+from services.consensus import engine_time
 from services.consensus.history import MissionHistory
 from services.consensus.store import ConsensusStore
 from services.consensus.strategies import decide
@@ -48,6 +49,7 @@ class ConsensusEndpoints:
             self.embedder.failed(exc)
             return None
         self.embedder.ended()
+        engine_time.add(reply.engine_ms)
         return np.array(reply.vectors, dtype=np.float32)
 
     async def vectors(self, votes: list[Vote], prompt: str = "") -> tuple[np.ndarray | None, list[float] | None]:
@@ -58,6 +60,12 @@ class ConsensusEndpoints:
         return vectors[:-1], vectors[-1].tolist()
 
     async def decide(self, req: DecideRequest, ctx: RequestContext) -> ConsensusRecord:
+        with engine_time.counting() as spent:
+            record = await self._decide(req)
+        record.engine_ms = round(spent.ms, 2)
+        return record
+
+    async def _decide(self, req: DecideRequest) -> ConsensusRecord:
         started = time.monotonic()
         vectors, prompt_vector = await self.vectors(req.votes, req.prompt)
         # `synthesize` groups like `medoid`; the medoid is its answer whenever the heavy model cannot write one.

@@ -29,6 +29,7 @@ import numpy as np
 
 from protos.consensus import Synthesis, Vote
 from protos.infer import ChatMessage, GenerateReply, GenerateRequest
+from services.consensus import engine_time
 from services.consensus.strategies import Decision, normalise, similarity, similarity_matrix
 from shared import bus
 from shared.errors import MagiError
@@ -155,6 +156,7 @@ class Synthesizer:
             reply = await bus.request(self.nc, "magi.infer.generate", request, GenerateReply, timeout=timeout_s)
         except MagiError as exc:
             return self._fallback(decision, ids, f"the heavy model did not answer ({exc.code}: {exc.message})")
+        engine_time.add(reply.engine_ms)
         body, cited = named_ids(reply.text, ids)
         body = tidy(body, ids)
         if not body:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import asdict
 
 import ray
@@ -44,18 +45,23 @@ class LlamaReplica:
         return {"replica": self.replica_id, "node": self.node, "pid": os.getpid()}
 
     def generate(self, params: dict, request_id: str) -> dict:
+        """The `Generation` as a dict, with `engine_s`: the seconds spent inside the engine call."""
+        started = time.perf_counter()
         if self.batched:
-            return asdict(self.engine.generate(GenerateParams(**params), request_id=request_id))
+            out = asdict(self.engine.generate(GenerateParams(**params), request_id=request_id))
+            return dict(out, engine_s=time.perf_counter() - started)
         self.current = request_id
         try:
-            return asdict(self.engine.generate(GenerateParams(**params)))
+            out = asdict(self.engine.generate(GenerateParams(**params)))
+            return dict(out, engine_s=time.perf_counter() - started)
         finally:
             self.current = ""
 
     @ray.method(num_returns="streaming")
     def stream(self, params: dict, request_id: str, prefix: str = ""):
         """Yield `{"piece": text}` per piece, then one dict with usage; `prefix` is text already sent
-        by a replica that died, which this one continues after."""
+        by a replica that died, which this one continues after. The last dict's `engine_s` counts the time
+        inside the engine only, not the time the consumer took to take each piece."""
         if self.batched:
             yield from _items(self.engine.stream(GenerateParams(**params), prefix=prefix, request_id=request_id))
             return
@@ -65,8 +71,11 @@ class LlamaReplica:
         finally:
             self.current = ""
 
-    def embed(self, texts: list[str], request_id: str) -> list[list[float]]:
-        return self.engine.embed(texts)
+    def embed(self, texts: list[str], request_id: str) -> dict:
+        """`{"vectors": [...], "engine_s": seconds inside the engine}`."""
+        started = time.perf_counter()
+        vectors = self.engine.embed(texts)
+        return {"vectors": vectors, "engine_s": time.perf_counter() - started}
 
     @ray.method(concurrency_group="control")
     def ping(self) -> int:
@@ -87,10 +96,15 @@ class LlamaReplica:
 
 
 def _items(pieces):
-    """An engine stream as the actor's items: `{"piece": text}` each, then the usage dict."""
+    """An engine stream as the actor's items: `{"piece": text}` each, then the usage dict with `engine_s`,
+    the seconds spent in the engine (each `next`), not those spent handing pieces to the caller."""
+    engine_s = 0.0
     while True:
+        started = time.perf_counter()
         try:
-            yield {"piece": next(pieces)}
+            piece = next(pieces)
         except StopIteration as end:
-            yield asdict(end.value)
+            yield dict(asdict(end.value), engine_s=engine_s + time.perf_counter() - started)
             return
+        engine_s += time.perf_counter() - started
+        yield {"piece": piece}

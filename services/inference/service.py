@@ -34,6 +34,11 @@ def _messages(req: GenerateRequest) -> list[dict[str, str]]:
     raise BadRequest("give `prompt` or a non-empty `messages` list", field="prompt")
 
 
+def _engine_ms(out: dict) -> float:
+    """The actor's time inside the engine (`engine_s`; absent when no replica ran, e.g. cancelled first)."""
+    return round(out.get("engine_s", 0.0) * 1000, 2)
+
+
 def _finish(reason: str) -> str:
     # The engine reports an abort; from the caller's side that is a cancellation.
     return "cancelled" if reason == "aborted" else reason
@@ -77,6 +82,7 @@ class InferenceEndpoints:
             text=out["text"], model=pool.spec.name, node=replica.node, replica=replica.replica_id,
             usage=usage, latency_ms=round((time.perf_counter() - started) * 1000, 2),
             finish_reason=_finish(out["finish_reason"]), request_id=request_id, attempts=attempts,
+            engine_ms=_engine_ms(out),
         )
 
     async def cancel(self, req: CancelRequest, ctx: RequestContext) -> CancelReply:
@@ -87,11 +93,12 @@ class InferenceEndpoints:
         tokens = await self.router.check_embed_fits(pool, req.texts)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
-                replica, vectors = await self.router.embed(pool, req.texts, uuid.uuid4().hex)
+                replica, out = await self.router.embed(pool, req.texts, uuid.uuid4().hex)
         except TimeoutError:
             raise DeadlineExceeded("embedding took too long") from None
+        vectors = out["vectors"]  # the actor's dict (replica.py): the vectors and its time inside the engine
         return EmbedReply(model=pool.spec.name, dim=len(vectors[0]), vectors=vectors, node=replica.node,
-                          replica=replica.replica_id, prompt_tokens=tokens)
+                          replica=replica.replica_id, prompt_tokens=tokens, engine_ms=_engine_ms(out))
 
     async def models(self, req: Empty, ctx: RequestContext) -> ModelsReply:
         return ModelsReply(models=self.router.models())

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
 from nats.aio.client import Client
 
@@ -34,6 +35,13 @@ MAX_HALVINGS = 6  # a chunk the model still refuses after this many halvings is 
 _TOO_LONG = re.compile(r"texts\[(\d+)\] is \d+ tokens")
 
 
+@dataclass
+class EngineTime:
+    """Milliseconds the embedding engine spent for one request, over however many embed calls it made."""
+
+    ms: float = 0.0
+
+
 class Embedder:
     """Asks `magi.infer.embed`; a real model, never a hash or random projection."""
 
@@ -41,29 +49,35 @@ class Embedder:
         self.nc = nc
         self.timeout = timeout
 
-    async def embed(self, texts: list[str]) -> list[list[float]]:
-        return (await self.embed_reply(texts)).vectors
+    async def embed(self, texts: list[str], spent: EngineTime | None = None) -> list[list[float]]:
+        """The texts' vectors; the engine's time for them is added to `spent`, when given."""
+        reply = await self.embed_reply(texts)
+        if spent is not None:
+            spent.ms += reply.engine_ms
+        return reply.vectors
 
     async def embed_reply(self, texts: list[str]) -> EmbedReply:
         return await bus.request(self.nc, "magi.infer.embed", EmbedRequest(texts=texts), EmbedReply, timeout=self.timeout)
 
-    async def embed_fitting(self, items: list[tuple[int, str]], halvings: int = 0) -> list[tuple[int, str, list[float]]]:
+    async def embed_fitting(self, items: list[tuple[int, str]], spent: EngineTime,
+                            halvings: int = 0) -> list[tuple[int, str, list[float]]]:
         """Embed (tag, text) items in batches; a text the model refuses as too long is halved and both halves
-        embedded (same tag), so the result may hold more items than were given, in order."""
+        embedded (same tag), so the result may hold more items than were given, in order. The engine's time
+        is added to `spent`."""
         out: list[tuple[int, str, list[float]]] = []
         for start in range(0, len(items), EMBED_BATCH):
             batch = items[start:start + EMBED_BATCH]
             try:
-                vectors = await self.embed([text for _, text in batch])
+                vectors = await self.embed([text for _, text in batch], spent)
             except BadRequest as exc:
                 long = _TOO_LONG.search(exc.message)
                 if long is None or halvings >= MAX_HALVINGS:
                     raise
                 i = int(long.group(1))
                 tag, text = batch[i]
-                out += await self.embed_fitting(batch[:i], halvings)
-                out += await self.embed_fitting([(tag, part) for part in halve(text)], halvings + 1)
-                out += await self.embed_fitting(batch[i + 1:], halvings)
+                out += await self.embed_fitting(batch[:i], spent, halvings)
+                out += await self.embed_fitting([(tag, part) for part in halve(text)], spent, halvings + 1)
+                out += await self.embed_fitting(batch[i + 1:], spent, halvings)
                 continue
             out += [(tag, text, vector) for (tag, text), vector in zip(batch, vectors)]
         return out
@@ -80,17 +94,18 @@ class MemoryEndpoints:
             if "\x00" in d.text:
                 raise BadRequest("text may not contain NUL characters", field=f"documents[{n}].text")
             items += [(n, chunk) for chunk in chunk_text(d.text)]
-        embedded = await self.embedder.embed_fitting(items)
+        spent = EngineTime()
+        embedded = await self.embedder.embed_fitting(items, spent)
         documents = [Document(id=d.id or doc_id(d.namespace, d.text), namespace=d.namespace, metadata=d.metadata,
                               chunks=[]) for d in req.documents]
         for n, text, vector in embedded:
             documents[n].chunks.append((text, vector))
         await self.store.upsert(documents)
         return UpsertReply(ids=[d.id for d in documents], count=len(documents),
-                           chunks=[len(d.chunks) for d in documents])
+                           chunks=[len(d.chunks) for d in documents], embed_ms=round(spent.ms, 2))
 
     async def search(self, req: SearchRequest, ctx: RequestContext) -> SearchReply:
-        vector = None
+        vector, spent = None, EngineTime()
         if req.mode == "text":
             if not req.text:
                 raise BadRequest("text search needs `text`", field="text")
@@ -99,7 +114,7 @@ class MemoryEndpoints:
             vector = req.embedding
         elif req.text:
             try:
-                vector = (await self.embedder.embed([req.text]))[0]
+                vector = (await self.embedder.embed([req.text], spent))[0]
             except BadRequest as exc:  # e.g. longer than the embedding model takes
                 raise BadRequest(exc.message, field="text") from None
         else:
@@ -107,7 +122,7 @@ class MemoryEndpoints:
         mode = req.mode if req.text else "vector"
         hits = await self.store.search(namespace=req.namespace, k=req.k, vector=vector, text=req.text, mode=mode,
                                        filter=req.filter)
-        return SearchReply(hits=hits, dim=self.store.dim, mode=mode)
+        return SearchReply(hits=hits, dim=self.store.dim, mode=mode, embed_ms=round(spent.ms, 2))
 
     async def list(self, req: ListRequest, ctx: RequestContext) -> ListReply:
         rows, cursor = await self.store.list(req.namespace, req.filter, req.limit, req.cursor, req.max_chars)

@@ -17,12 +17,13 @@ from nats.aio.client import Client
 from protos.consensus import ConsensusRecord, DecideRequest, Vote
 from protos.infer import GenerateReply, GenerateRequest
 from protos.memory import MemoryDoc, SearchHit, SearchReply, SearchRequest, UpsertReply, UpsertRequest
-from protos.mission import CloneResult, ConsensusSummary, MissionGet, MissionReply, MissionRequest, Timings
+from protos.mission import CloneResult, ConsensusSummary, MissionGet, MissionReply, MissionRequest
 from services.orchestrator.budgets import Budgets
 from services.orchestrator.desk import MissionDesk
 from services.orchestrator.events import MissionEvents
 from services.orchestrator.plan import CloneTask, plan_clones
 from services.orchestrator.queue import MissionQueue
+from services.orchestrator.timings import MissionClock, critical_engine_ms
 from services.orchestrator.watch import Disruptions
 from shared import bus
 from shared.config import Settings
@@ -31,7 +32,7 @@ from shared.roles import check_output_subject
 from shared.service import MagiService, RequestContext
 from shared.telemetry import current_trace_id, tracer
 
-VERSION = "0.3.0"
+VERSION = "0.4.0"
 MISSIONS_NAMESPACE = "missions"  # every mission's consensus answer is remembered here
 REMEMBER_TIMEOUT_S = 15.0
 MEMORY_TEXT_MAX = 32768  # protos.memory.MemoryDoc.text's limit
@@ -70,24 +71,29 @@ class Orchestrator:
         return reply
 
     async def _run(self, mission: MissionRequest, mission_id: str, started: float, deadline: float) -> MissionReply:
+        clock = MissionClock(started)
         with tracer().start_as_current_span("mission", attributes={"magi.mission_id": mission_id}):
-            t0 = time.perf_counter()
-            hits = await self._context(mission, deadline) if mission.context_needed else []
-            memory_ms = _ms(t0)
-            t1 = time.perf_counter()
-            tasks = plan_clones(mission, hits, await self.budgets.get())
-            await self.events.started(mission_id, mission.prompt, mission.consensus, tasks)
+            with clock.stage("memory"):
+                hits = await self._context(mission, deadline, clock) if mission.context_needed else []
+            with clock.stage("plan"):
+                tasks = plan_clones(mission, hits, await self.budgets.get())
+                await self.events.started(mission_id, mission.prompt, mission.consensus, tasks)
             seen = [h.id for h in hits]
-            clones = await asyncio.gather(*(self._clone(task, mission, mission_id, deadline, seen) for task in tasks))
-            clones_ms = _ms(t1)
+            finished: list[CloneResult] = []  # in finishing order: the last one is the stage's critical path
+            with clock.stage("clones"):
+                clones = await asyncio.gather(*(self._clone(task, mission, mission_id, deadline, seen, finished)
+                                                for task in tasks))
+            clock.spent("clones", critical_engine_ms(finished))
             if not any(c.ok for c in clones):
                 why = "every clone failed: " + "; ".join(f"{c.clone_id}: {c.error}" for c in clones)
                 # Models down or restarting may be back at the next attempt; empty or refused answers won't be.
                 transient = any((c.error or "")[:1] == "5" for c in clones)
                 raise Unavailable(why) if transient else Unprocessable(why)
-            t2 = time.perf_counter()
-            record = await self._decide(mission, mission_id, clones, deadline)
-            await self._remember(mission, mission_id, record, deadline)
+            with clock.stage("consensus"):
+                record = await self._decide(mission, mission_id, clones, deadline)
+            clock.spent("consensus", record.engine_ms)
+            with clock.stage("remember"):
+                await self._remember(mission, mission_id, record, deadline, clock)
             return MissionReply(
                 mission_id=mission_id,
                 consensus=ConsensusSummary(
@@ -97,7 +103,7 @@ class Orchestrator:
                 ),
                 clones=list(clones),
                 context=hits,
-                timings=Timings(total_ms=_ms(started), memory_ms=memory_ms, clones_ms=clones_ms, consensus_ms=_ms(t2)),
+                timings=clock.timings(),
                 trace_id=current_trace_id(),
             )
 
@@ -105,14 +111,15 @@ class Orchestrator:
     def _left(deadline: float) -> float:
         return max(0.05, deadline - time.perf_counter())
 
-    async def _context(self, mission: MissionRequest, deadline: float) -> list[SearchHit]:
+    async def _context(self, mission: MissionRequest, deadline: float, clock: MissionClock) -> list[SearchHit]:
         query = SearchRequest(namespace=mission.namespace, k=mission.k, embedding=mission.embedding,
                               text=None if mission.embedding is not None else mission.prompt)
         reply = await bus.request(self.nc, "magi.memory.search", query, SearchReply, timeout=self._left(deadline))
+        clock.spent("memory", reply.embed_ms)
         return reply.hits
 
     async def _clone(self, task: CloneTask, mission: MissionRequest, mission_id: str, deadline: float,
-                     context_ids: list[str]) -> CloneResult:
+                     context_ids: list[str], finished: list[CloneResult]) -> CloneResult:
         result = CloneResult(clone_id=task.clone_id, role=task.role, variation=task.variation, context_ids=context_ids)
         request = GenerateRequest(role=task.role, prompt=task.prompt, max_tokens=task.max_tokens, temperature=0.7,
                                   timeout_s=self._left(deadline))
@@ -127,8 +134,9 @@ class Orchestrator:
             result.ok = bool(reply.text.strip())
             result.error = None if result.ok else "empty answer"
             result.text, result.model, result.node, result.replica = reply.text, reply.model, reply.node, reply.replica
-            result.completion_tokens = reply.usage.completion_tokens
+            result.completion_tokens, result.engine_ms = reply.usage.completion_tokens, reply.engine_ms
         result.latency_ms = _ms(t0)
+        finished.append(result)
         if mission.progress_subject:
             await self.nc.publish(mission.progress_subject, _encoder.encode(result))
         await self.events.clone(mission_id, result)
@@ -143,7 +151,7 @@ class Orchestrator:
         return await bus.request(self.nc, "magi.consensus.decide", request, ConsensusRecord, timeout=left)
 
     async def _remember(self, mission: MissionRequest, mission_id: str, record: ConsensusRecord,
-                        deadline: float) -> None:
+                        deadline: float, clock: MissionClock) -> None:
         """The answer goes into memory (namespace `missions`) so later missions can recall it. Best effort: the
         mission's result is already decided and stored, so a memory outage is logged, never fails the mission."""
         doc = MemoryDoc(id=f"mission-{mission_id}", namespace=MISSIONS_NAMESPACE,
@@ -152,12 +160,13 @@ class Orchestrator:
                                   "strategy": record.strategy, "agreement": record.agreement,
                                   "clone_ids": [v.clone_id for v in record.votes]})
         try:
-            await bus.request(self.nc, "magi.memory.upsert", UpsertRequest(documents=[doc]), UpsertReply,
-                              timeout=min(REMEMBER_TIMEOUT_S, self._left(deadline)))
+            reply = await bus.request(self.nc, "magi.memory.upsert", UpsertRequest(documents=[doc]), UpsertReply,
+                                      timeout=min(REMEMBER_TIMEOUT_S, self._left(deadline)))
         except MagiError as exc:
             self.remembering.failed(exc)
         else:
             self.remembering.ended()
+            clock.spent("remember", reply.embed_ms)
 
 async def build(settings: Settings):
     service = MagiService("magi-orchestrator", VERSION, "Shadow-clone missions: fan out, merge", settings)
