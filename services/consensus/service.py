@@ -78,9 +78,9 @@ class ConsensusEndpoints:
             written = await self.synthesizer.write(req.prompt, decision, req.votes, vectors, req.max_tokens,
                                                    max(budget, 0.5))
             decision, synthesis = dataclasses.replace(decision, answer=written.text), written.synthesis
-        record_id = await self.store.save(decision, req.votes, req.strategy, req.mission_id, prompt=req.prompt,
-                                          prompt_vector=prompt_vector, synthesis=synthesis)
-        return await self.store.get(record_id)  # what was stored, read back
+        # What was stored, as `get` reads it back (the write returns it: no second round trip to the database).
+        return await self.store.save_record(decision, req.votes, req.strategy, req.mission_id, prompt=req.prompt,
+                                            prompt_vector=prompt_vector, synthesis=synthesis)
 
     async def get(self, req: GetRequest, ctx: RequestContext) -> ConsensusRecord:
         if bool(req.id) == bool(req.mission_id):

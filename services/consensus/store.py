@@ -169,24 +169,36 @@ class ConsensusStore:
 
     async def save(self, decision: Decision, votes: list[Vote], strategy: str, mission_id: str, prompt: str = "",
                    prompt_vector: list[float] | None = None, synthesis: Synthesis | None = None) -> str:
+        record = await self.save_record(decision, votes, strategy, mission_id, prompt, prompt_vector, synthesis)
+        return record.id
+
+    async def save_record(self, decision: Decision, votes: list[Vote], strategy: str, mission_id: str,
+                          prompt: str = "", prompt_vector: list[float] | None = None,
+                          synthesis: Synthesis | None = None) -> ConsensusRecord:
+        """Store a decision and its graph; the record as `get` would read it back, without reading it: the
+        consensus row (with the database's timestamp) is the transaction's own UPSERT result, and the votes
+        are stored as given."""
         key = record_key(mission_id)
         chosen, cited = chosen_and_cited(decision, synthesis)
         rows = [dict(clone_id=v.clone_id, text=v.text, role=v.role, model=v.model, node=v.node, ok=v.ok,
                      latency_ms=float(v.latency_ms), position=i, chosen=v.ok and v.clone_id in chosen,
                      cited=v.ok and v.clone_id in cited)
                 for i, v in enumerate(votes)]
-        await self._transaction(_STORE, {
+        results = await self._transaction(_STORE, {
             "key": key, "mission_id": mission_id, "strategy": strategy, "answer": decision.answer,
             "agreement": decision.agreement, "winner": decision.winner, "groups": decision.groups, "votes": rows,
             "similarity": decision.similarity, "prompt": prompt,
             "embedding": [float(x) for x in prompt_vector] if prompt_vector is not None else None,
             "synthesis": msgspec.to_builtins(synthesis) if synthesis is not None else None,
         })
-        return f"consensus:{key}"
+        row = next((found[0] for found in results if _is_row_of(found, "consensus")), None)
+        if row is None:
+            raise Internal("consensus store: the write did not return the consensus record")
+        return _record(key, row, rows)
 
-    async def _transaction(self, text: str, variables: dict) -> None:
+    async def _transaction(self, text: str, variables: dict) -> list:
         """Run a BEGIN/COMMIT text; raise the statement's own error if any statement failed (the SDK's
-        `query` checks only the first statement's status)."""
+        `query` checks only the first statement's status). Each statement's result, in order."""
         response = await self.db.query_raw(text, variables)
         if response.get("error"):
             raise Internal(f"consensus store: {response['error']}")
@@ -195,25 +207,15 @@ class ConsensusStore:
         if errors:
             cause = next((e for e in errors if "failed transaction" not in str(e)), errors[0])
             raise Internal(f"consensus store: the write failed: {cause}")
+        return [r.get("result") for r in results]
 
     async def get(self, record_id: str) -> ConsensusRecord:
         key = parse_id(record_id)
         found = await self.db.query(_GET, {"key": key})
         if not found:
             raise NotFound(f"no consensus record {record_id}", field="id")
-        record = found[0]
         votes = await self.db.query(_VOTES, {"key": key})
-        synthesis = record.get("synthesis")
-        return ConsensusRecord(
-            id=f"consensus:{key}", answer=record["answer"], strategy=record["strategy"],
-            agreement=record["agreement"], winner=record["winner"], groups=record.get("groups", []),
-            mission_id=record.get("mission_id", ""), created_at=_iso(record.get("timestamp")),
-            similarity=record.get("similarity", "words"), prompt=record.get("prompt") or "",
-            synthesis=msgspec.convert(synthesis, Synthesis) if synthesis else None,
-            votes=[Vote(clone_id=v["clone_id"], text=v["text"], role=v.get("role", ""), model=v.get("model", ""),
-                        node=v.get("node", ""), ok=v.get("ok", True), latency_ms=float(v.get("latency_ms") or 0.0))
-                   for v in votes],
-        )
+        return _record(key, found[0], votes)
 
     async def ids_of_mission(self, mission_id: str) -> list[str]:
         """Every record stored for a mission (one, unless something bypassed `record_key`)."""
@@ -270,6 +272,29 @@ class ConsensusStore:
 
     async def close(self) -> None:
         await self.db.close()
+
+
+def _record(key: str, record: dict, votes: list[dict]) -> ConsensusRecord:
+    """A consensus row and its vote rows (in position order) as the record callers get."""
+    synthesis = record.get("synthesis")
+    return ConsensusRecord(
+        id=f"consensus:{key}", answer=record["answer"], strategy=record["strategy"],
+        agreement=record["agreement"], winner=record["winner"], groups=record.get("groups", []),
+        mission_id=record.get("mission_id", ""), created_at=_iso(record.get("timestamp")),
+        similarity=record.get("similarity", "words"), prompt=record.get("prompt") or "",
+        synthesis=msgspec.convert(synthesis, Synthesis) if synthesis else None,
+        votes=[Vote(clone_id=v["clone_id"], text=v["text"], role=v.get("role", ""), model=v.get("model", ""),
+                    node=v.get("node", ""), ok=v.get("ok", True), latency_ms=float(v.get("latency_ms") or 0.0))
+               for v in votes],
+    )
+
+
+def _is_row_of(result, table: str) -> bool:
+    """A statement's result that is one row of `table` (an UPSERT's)."""
+    if not isinstance(result, list) or len(result) != 1 or not isinstance(result[0], dict):
+        return False
+    rid = result[0].get("id")
+    return getattr(rid, "table_name", str(rid).split(":")[0]) == table
 
 
 def _past(row: dict, score: float) -> PastMission:
