@@ -28,6 +28,10 @@ Weights = ScoreWeights
 class PlacementResult:
     placements: dict[str, str] = field(default_factory=dict)
     unplaced: dict[str, str] = field(default_factory=dict)
+    optimal: bool = True  # proven: no placement within the hard constraints places more of the batch
+    score_optimal: bool = False  # proven too: none of that size has a better score (the solver finished)
+    method: str = "greedy"  # or "cp-sat": greedy left something unplaced and the solver searched
+    solve_ms: float = 0.0
 
 
 def coordinator_score_mb(free_ram_gb: float, gpu_memory_gb: float, gpu: bool, model_size_gb: float) -> float:
