@@ -39,6 +39,14 @@ def _engine_ms(out: dict) -> float:
     return round(out.get("engine_s", 0.0) * 1000, 2)
 
 
+def _embedded(out: dict | list) -> tuple[list[list[float]], float]:
+    """An actor's embed result: `{"vectors", "engine_s"}` (LlamaReplica), or bare vectors from an actor that
+    does not time its engine (its engine time then reads 0)."""
+    if isinstance(out, dict):
+        return out["vectors"], _engine_ms(out)
+    return out, 0.0
+
+
 def _finish(reason: str) -> str:
     # The engine reports an abort; from the caller's side that is a cancellation.
     return "cancelled" if reason == "aborted" else reason
@@ -96,9 +104,9 @@ class InferenceEndpoints:
                 replica, out = await self.router.embed(pool, req.texts, uuid.uuid4().hex)
         except TimeoutError:
             raise DeadlineExceeded("embedding took too long") from None
-        vectors = out["vectors"]  # the actor's dict (replica.py): the vectors and its time inside the engine
+        vectors, engine_ms = _embedded(out)
         return EmbedReply(model=pool.spec.name, dim=len(vectors[0]), vectors=vectors, node=replica.node,
-                          replica=replica.replica_id, prompt_tokens=tokens, engine_ms=_engine_ms(out))
+                          replica=replica.replica_id, prompt_tokens=tokens, engine_ms=engine_ms)
 
     async def models(self, req: Empty, ctx: RequestContext) -> ModelsReply:
         return ModelsReply(models=self.router.models())
