@@ -62,6 +62,10 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     # evicted past this size; 0: no limit.
     model_cache_bytes: Annotated[int, msgspec.Meta(ge=0)] = 20 * 2**30
     mission_concurrency: int = 16  # missions one orchestrator runs at once
+    # Missions accepted and not yet finished (waiting or running), over every orchestrator: the mission stream's
+    # bound, so one more is refused at once (503 with a retry hint) instead of waiting out its deadline in a
+    # backlog. Set it alike on every orchestrator (the last one started sets the stream); 0: no bound.
+    mission_max_pending: Annotated[int, msgspec.Meta(ge=0)] = 256
     # The OpenAI-compatible HTTP gateway (services/gateway): loopback only unless told otherwise.
     http_host: str = "127.0.0.1"
     http_port: Annotated[int, msgspec.Meta(ge=0, le=65535)] = 8080
@@ -129,6 +133,7 @@ _ENV = {
     "mission_ack_wait_s": "MAGI_MISSION_ACK_WAIT_S",
     "mission_max_deliver": "MAGI_MISSION_MAX_DELIVER",
     "mission_concurrency": "MAGI_MISSION_CONCURRENCY",
+    "mission_max_pending": "MAGI_MISSION_MAX_PENDING",
     "http_host": "MAGI_HTTP_HOST",
     "http_port": "MAGI_HTTP_PORT",
     "http_concurrency": "MAGI_HTTP_CONCURRENCY",

@@ -21,15 +21,20 @@ class MagiError(Exception):
     code: int = 500
     kind: str = "internal"
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
+    def __init__(self, message: str, *, field: str | None = None, retry_after_s: float | None = None) -> None:
         super().__init__(message)
         self.message = message
         self.field = field
+        # Set when the service refused for load (a full queue): how long to wait before trying again. It rides
+        # in the JSON body, so the caller's `from_reply` rebuilds it and the gateway sends it as `Retry-After`.
+        self.retry_after_s = retry_after_s
 
     def body(self) -> dict:
         error = {"code": self.code, "kind": self.kind, "message": self.message}
         if self.field is not None:
             error["field"] = self.field
+        if self.retry_after_s is not None:
+            error["retry_after_s"] = self.retry_after_s
         return {"error": error}
 
 
@@ -95,13 +100,16 @@ def field_of_validation_error(message: str) -> str | None:
 
 def from_reply(code: str | int, description: str, body: bytes) -> MagiError:
     """Rebuild the typed error a service replied with (``Nats-Service-Error*`` headers + JSON body)."""
-    field = None
+    field, retry_after_s = None, None
     try:
-        field = msgspec.json.decode(body).get("error", {}).get("field")
+        error = msgspec.json.decode(body).get("error", {})
+        field, hint = error.get("field"), error.get("retry_after_s")
+        if isinstance(hint, (int, float)) and not isinstance(hint, bool) and hint >= 0:
+            retry_after_s = float(hint)
     except (msgspec.DecodeError, AttributeError):
         pass
     cls = _BY_CODE.get(int(code) if str(code).isdigit() else 500, Internal)
-    return cls(description, field=field)
+    return cls(description, field=field, retry_after_s=retry_after_s)
 
 
 def _module(exc: BaseException) -> str:

@@ -40,6 +40,9 @@ Req = TypeVar("Req", bound=msgspec.Struct)
 Handler = Callable[[Any, "RequestContext"], Awaitable[msgspec.Struct]]
 
 _encoder = msgspec.json.Encoder()
+# The retry hint of an endpoint's refusal past `max_concurrency`: a second is long next to one bus request, and
+# the endpoint knows nothing of how fast its work drains (a model pool's own refusal estimates that).
+ENDPOINT_RETRY_AFTER_S = 1.0
 
 
 @dataclass
@@ -180,7 +183,9 @@ class MagiService:
             if ep.counters.in_flight >= ep.max_concurrency:
                 received_ns = time.perf_counter_ns()
                 try:
-                    await self._fail(ep, request, errors.Unavailable("too many requests in flight; retry later"))
+                    busy = errors.Unavailable("too many requests in flight; retry later",
+                                              retry_after_s=ENDPOINT_RETRY_AFTER_S)
+                    await self._fail(ep, request, busy)
                 finally:
                     ep.counters.finished(time.perf_counter_ns() - received_ns)
                 return

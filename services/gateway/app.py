@@ -2,7 +2,9 @@
 
 - Auth: `Authorization: Bearer <key>` against the keys file (401 otherwise), on every `/v1` route.
 - Overload: at most `MAGI_HTTP_CONCURRENCY` requests at once (a stream counts until it ends); more get
-  429 with `Retry-After`. A bus or backend that is down is 503 with `Retry-After`; a deadline is 504.
+  429 with `Retry-After`. A bus or backend that is down is 503 with `Retry-After`; a deadline is 504. A
+  service that refused for load (a model's queue or the mission backlog full) sends its own retry hint,
+  which becomes the `Retry-After` (mapping.retry_after).
 - Streams: each choice is a streamed `magi.infer.generate` with the gateway's own `request_id`; the
   first message of each is awaited before the HTTP status is sent, so an unknown model or a prompt too
   long for the window is still a proper 404/400. A client that goes away mid-stream gets its

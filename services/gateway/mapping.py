@@ -7,6 +7,7 @@ Errors: every failure is a `shared.errors.MagiError` (the bus's own, or one rais
 from __future__ import annotations
 
 import base64
+import math
 import time
 from typing import Any, get_args
 
@@ -60,10 +61,18 @@ def http_error(exc: BaseException) -> tuple[int, dict, dict[str, str]]:
     if error.code == 404 and error.field in ("model", "role"):
         code, param = "model_not_found", "model"
     body = {"error": {"message": error.message, "type": kind, "param": param, "code": code}}
-    headers = {"Retry-After": str(RETRY_AFTER_S[status])} if status in RETRY_AFTER_S else {}
+    headers = {"Retry-After": retry_after(status, error)} if status in RETRY_AFTER_S else {}
     if status == 401:
         headers["WWW-Authenticate"] = "Bearer"
     return status, body, headers
+
+
+def retry_after(status: int, error: errors.MagiError) -> str:
+    """`Retry-After` in whole seconds (HTTP's unit): the service's own hint when it gave one (a full queue knows
+    how fast it drains), rounded up and at least 1, else this status's fixed default."""
+    if error.retry_after_s is None:
+        return str(RETRY_AFTER_S[status])
+    return str(max(1, math.ceil(error.retry_after_s)))
 
 
 # ---- models --------------------------------------------------------------------------------------

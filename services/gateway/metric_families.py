@@ -86,6 +86,9 @@ class _Families:
         # Inference.
         self.queue = _gauge("magi_inference_queue_depth", "Requests waiting for a free replica of a model",
                             ["service_id", "model"])
+        self.refused = _counter("magi_inference_refused_total",
+                                "Requests a model refused at once (503) because its queue was full (max_queue)",
+                                ["service_id", "model"])
         self.ready = _gauge("magi_inference_ready_replicas", "Replicas of a model ready to serve", ["service_id", "model"])
         self.in_flight = _gauge("magi_inference_in_flight", "Requests a replica is serving now", rep)
         self.served = _counter("magi_inference_requests_total", "Requests a replica finished", rep)
@@ -100,6 +103,8 @@ class _Families:
         self.missions = _counter("magi_missions_total", "Missions settled, by outcome (ok, rejected, deadline, failed)",
                                  ["service_id", "outcome"])
         self.retries = _counter("magi_mission_retries_total", "Mission attempts failed and retried", ["service_id"])
+        self.missions_refused = _counter("magi_missions_refused_total", "Missions refused at once (503) because "
+                                         "MAGI_MISSION_MAX_PENDING were queued or running", ["service_id"])
         self.running = _gauge("magi_missions_running", "Missions an orchestrator is running now", ["service_id"])
         self.epoch = _gauge("magi_placement_epoch", "The placement epoch (the highest any scheduler reports)", [])
         self.leader = _gauge("magi_scheduler_leader", "1 for the scheduler that holds the leader lease", ["service_id"])
@@ -200,6 +205,8 @@ def _service_figures(f: _Families, sid: str, data: dict, epochs: list[float]) ->
             if isinstance(m, dict):
                 f.queue.add_metric([sid, model], _num(m.get("queued")))
                 f.ready.add_metric([sid, model], _num(m.get("ready")))
+                if "refused" in m:
+                    f.refused.add_metric([sid, model], _num(m["refused"]))
     for r in data.get("replicas") or []:
         if not isinstance(r, dict):
             continue
@@ -219,6 +226,8 @@ def _service_figures(f: _Families, sid: str, data: dict, epochs: list[float]) ->
             f.missions.add_metric([sid, str(outcome)], _num(n))
         f.retries.add_metric([sid], _num(data.get("mission_retries")))
         f.running.add_metric([sid], _num(data.get("missions_running")))
+    if "missions_refused" in data:
+        f.missions_refused.add_metric([sid], _num(data["missions_refused"]))
     if "placement_epoch" in data:
         epochs.append(_num(data["placement_epoch"]))
         f.leader.add_metric([sid], 1 if data.get("leading") is True else 0)

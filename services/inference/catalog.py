@@ -19,6 +19,7 @@ from shared.errors import BadRequest, NotFound
 
 Role = Literal["heavy", "fast", "embed"]
 MAX_BATCH = 64  # sequences per replica; each holds n_ctx cells of the replica's KV cache
+QUEUE_PER_SLOT, QUEUE_MIN = 16, 64  # the default `max_queue`: waiting requests per replica slot, and the least
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -48,6 +49,11 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # prefix was copied in). True: one buffer for all (faster here, README; answers at temperature 0
     # then vary with the batch's other sequences, as attention sums over the interleaved cells).
     kv_unified: bool = False
+    # Requests that may wait for a free replica slot; one more is refused at once with a 503 and a retry hint
+    # (pool.py) rather than waiting to time out behind a pile it cannot get through. None: QUEUE_PER_SLOT per
+    # slot (replicas x max_batch), at least QUEUE_MIN, so a full round of missions' clones (16 at once by
+    # default, a few clones each) or their memory lookups never meets it. 0: no bound (wait as before).
+    max_queue: Annotated[int, msgspec.Meta(ge=0)] | None = None
 
     def __post_init__(self) -> None:
         if len(self.shard_nodes) > self.shards:
@@ -67,6 +73,13 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     @property
     def embedding(self) -> bool:
         return "embed" in self.roles
+
+    @property
+    def queue_bound(self) -> int:
+        """The requests allowed to wait for a slot (0: no bound); see `max_queue`."""
+        if self.max_queue is not None:
+            return self.max_queue
+        return max(QUEUE_MIN, QUEUE_PER_SLOT * self.replicas * self.max_batch)
 
     @property
     def actor_concurrency(self) -> int:

@@ -5,6 +5,12 @@ Each replica serves one request at a time, or up to its model's `max_batch` when
 slot is then what makes a replica free, and the one with the most free slots is chosen). A replica
 whose process dies is marked `restarting` and started again in the background (keeper.py); a request
 it was serving is retried once on whichever replica frees up next, so the caller only sees latency.
+
+Admission: at most the model's `queue_bound` requests wait (catalog.py, `max_queue`). One more is refused at
+once with a 503 whose `retry_after_s` is about how long the queue ahead takes to drain (its length times the
+recent time a request holds a slot, over the slots), so past saturation callers hear "come back in N s" within
+milliseconds instead of piling up until their deadlines expire. A retry after a replica died was admitted
+already and is never refused.
 """
 
 from __future__ import annotations
@@ -23,6 +29,9 @@ from shared.errors import Unavailable
 log = logging.getLogger("magi.inference.pool")
 
 LIVE_STATES = ("starting", "ready", "restarting")
+# The retry hint's limits: never "now" (the queue was full a moment ago), never so long a caller gives up.
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 0.1, 30.0
+SERVICE_TIME_WEIGHT = 0.2  # of each finished request in the moving average of the time a request holds a slot
 
 
 @dataclass
@@ -83,6 +92,8 @@ class ModelPool:
     # retried: requests finished on another replica after theirs died; migrated: streams continued
     # elsewhere; abandoned: streams stopped because their caller went away.
     counters: dict[str, int] = field(default_factory=lambda: {"retried": 0, "migrated": 0, "abandoned": 0})
+    refused: int = 0  # requests turned away because `queue_bound` were already waiting (router.queue_stats)
+    service_s: float = 0.0  # moving average of the time a request held its slot (0: none finished yet)
     _changed: asyncio.Condition | None = None
 
     @property
@@ -101,9 +112,28 @@ class ModelPool:
     def _hopeless(self) -> bool:
         return not any(r.state in LIVE_STATES for r in self.replicas)
 
-    async def acquire(self) -> Replica:
-        """Wait for a free ready replica and reserve it; 503 when no replica can ever become ready."""
+    def _full(self) -> bool:
+        bound = self.spec.queue_bound
+        return bound > 0 and self.queued >= bound and self._free() is None
+
+    def retry_after_s(self) -> float:
+        """How long until the requests waiting now have been served, by the recent time a request holds a
+        slot (before any has finished: one second per waiting request per slot, a guess on the long side)."""
+        slots = max(1, sum(1 for r in self.replicas if r.state in LIVE_STATES) * self.spec.max_batch)
+        per_request = self.service_s or 1.0
+        return round(min(RETRY_AFTER_MAX_S, max(RETRY_AFTER_MIN_S, self.queued * per_request / slots)), 2)
+
+    def _refuse(self) -> Unavailable:
+        self.refused += 1
+        return Unavailable(f"model {self.spec.name!r} is saturated: {self.queued} requests already wait for a "
+                           "replica (its max_queue); retry later", field="model", retry_after_s=self.retry_after_s())
+
+    async def acquire(self, *, admitted: bool = False) -> Replica:
+        """Wait for a free ready replica and reserve it; 503 when no replica can ever become ready, or at once
+        (with a retry hint) when the queue is full. `admitted`: a retry of a request already let in."""
         async with self.changed:
+            if not admitted and self._full():
+                raise self._refuse()
             self.queued += 1
             try:
                 await self.changed.wait_for(lambda: self._free() is not None or self._hopeless())
@@ -119,6 +149,9 @@ class ModelPool:
         async with self.changed:
             replica.in_flight -= 1
             replica.busy_s += busy_s if self.spec.max_batch == 1 else replica.overlap(busy_s)
+            if busy_s > 0:  # 0: released unused (a cancelled request)
+                w = SERVICE_TIME_WEIGHT if self.service_s else 1.0
+                self.service_s += w * (busy_s - self.service_s)
             self.changed.notify_all()
 
     async def notify(self) -> None:

@@ -116,7 +116,7 @@ class Router:
 
     async def _generate(self, pool: ModelPool, params: dict, request_id: str, job: _Job) -> tuple[Replica, dict, int]:
         for attempt in range(1, ATTEMPTS + 1):
-            replica = await pool.acquire()
+            replica = await pool.acquire(admitted=attempt > 1)  # a retry is never refused for load
             if job.cancelled:
                 await pool.release(replica, 0.0)
                 return replica, dict(_CANCELLED), attempt
@@ -162,7 +162,7 @@ class Router:
                       job: _Job) -> tuple[Replica, dict, int]:
         sent: list[str] = []
         for attempt in range(1, ATTEMPTS + 1):
-            replica = await pool.acquire()
+            replica = await pool.acquire(admitted=attempt > 1)  # a retry is never refused for load
             if job.cancelled:
                 await pool.release(replica, 0.0)
                 return replica, dict(_CANCELLED, text="".join(sent), completion_tokens=len(sent)), attempt
@@ -218,8 +218,9 @@ class Router:
 
     def queue_stats(self) -> dict:
         """The service's figures in `$SRV.STATS` (the gateway's `/metrics` reads them): each model's queue and
-        counters, and each replica's load and the tokens it generated."""
-        return {"models": {name: p.stats() for name, p in self.pools.items()}, "cancelled": self.cancelled,
+        counters (with the requests refused for a full queue), and each replica's load and the tokens it generated."""
+        models = {name: {**p.stats(), "refused": p.refused} for name, p in self.pools.items()}
+        return {"models": models, "cancelled": self.cancelled,
                 "replicas": [p.replica_stats(r) for p in self.pools.values() for r in p.replicas]}
 
     async def close(self) -> None:

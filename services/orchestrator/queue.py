@@ -12,6 +12,14 @@ a service it waited on restarted or the bus dropped, see `watch`) is retried wit
 attempt has the mission's whole `deadline_s`; after `max_deliver` attempts its error is stored as its
 outcome and it goes to `magi.mission.dead.<id>`. A 4xx is final at once. A failure of the worker itself
 (the bus away while storing) naks the message and never stops the loop.
+
+Admission: the work-queue stream holds exactly the missions accepted and not yet finished (a message leaves it
+when its outcome is stored and acknowledged), so its own limit is the bound: `max_msgs` = MAGI_MISSION_MAX_PENDING
+with `discard: new`. nats-server then refuses the publish that would exceed it, atomically, whichever
+orchestrator (or `magi.mission.submit` client) sends it, and the count survives every restart because it is
+the stream's state, not a process's. A check of the consumer's pending count before publishing would race
+between desks and miss direct submitters. Lowering the bound never drops what is already queued (discard new
+removes nothing), and a re-sent mission id is still answered as a duplicate when the stream is full.
 """
 
 from __future__ import annotations
@@ -25,7 +33,7 @@ from typing import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig
+from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy
 from nats.js.errors import FetchTimeoutError
 from nats.micro.request import ERROR_CODE_HEADER
 
@@ -33,6 +41,7 @@ from protos.mission import DEAD_PREFIX, SUBMIT_STREAM, SUBMIT_SUBJECT, DeadLette
 from services.orchestrator.results import Outcome, ResultStore, ensure_streams
 from services.orchestrator.watch import Disruptions
 from shared import bus
+from shared.config import Settings
 from shared.errors import Internal, MagiError, Unavailable, translate
 from shared.service import RequestContext
 from shared.telemetry import extract_context, tracer
@@ -44,6 +53,7 @@ MAX_DELIVERIES_ADVISORY = f"$JS.EVENT.ADVISORY.CONSUMER.MAX_DELIVERIES.{SUBMIT_S
 RETRY_DELAYS_S = (1.0, 2.0, 4.0, 8.0, 15.0, 30.0)  # before the 2nd, 3rd, ... attempt
 # How settled missions ended, counted for `$SRV.STATS` (the gateway's `magi_missions_total{outcome}`).
 OUTCOMES = ("ok", "rejected", "deadline", "failed")
+DEFAULT_MAX_PENDING = Settings().mission_max_pending
 
 _decoder = msgspec.json.Decoder(MissionRequest)
 _encoder = msgspec.json.Encoder()
@@ -88,9 +98,20 @@ def retry_delay(attempt: int) -> float:
     return RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)]
 
 
+async def bound_submissions(nc: Client, max_pending: int) -> None:
+    """Give the mission stream its admission bound (0: none), unless it has it already."""
+    js = nc.jetstream()
+    config = (await js.stream_info(SUBMIT_STREAM)).config
+    wanted = max_pending or -1
+    if config.max_msgs == wanted and config.discard == DiscardPolicy.NEW:
+        return
+    config.max_msgs, config.discard = wanted, DiscardPolicy.NEW
+    await js.update_stream(config)
+
+
 class MissionQueue:
     def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 8,
-                 concurrency: int = 16, replicas: int = 1) -> None:
+                 concurrency: int = 16, replicas: int = 1, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.nc = nc
         self.run = run
         self.disruptions = disruptions
@@ -98,6 +119,7 @@ class MissionQueue:
         self.max_deliver = max_deliver
         self.concurrency = concurrency
         self.replicas = replicas
+        self.max_pending = max_pending  # the stream's admission bound (module docstring); 0: none
         self.results = ResultStore(nc)
         self.running: set[asyncio.Task] = set()
         self.attempts: dict[asyncio.Task, float] = {}  # missions running now -> when they started
@@ -113,6 +135,7 @@ class MissionQueue:
 
     async def start(self) -> None:
         await ensure_streams(self.nc, self.replicas)
+        await bound_submissions(self.nc, self.max_pending)
         js = self.nc.jetstream()
         # Create or update: a consumer left by an older version (a 600 s ack wait) takes today's settings.
         await js.add_consumer(SUBMIT_STREAM, self.consumer_config())
