@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generator
 
-from services.inference.engine import Engine, GenerateParams, Generation
+from services.inference.engine import Engine, GenerateParams, Generation, gpu_offload
 
 log = logging.getLogger("magi.inference.batched")
 
@@ -54,8 +54,9 @@ class _Rendered(Exception):
         self.tokens, self.stop = tokens, stop
 
 
-def _template_llama(model_path: str, threads: int):
-    """The model with llama-cpp-python's chat handling; its own context is tiny and never decodes."""
+def _template_llama(model_path: str, threads: int, offload: dict):
+    """The model with llama-cpp-python's chat handling; its own context is tiny and never decodes. The
+    model's layers go where `offload` (engine.gpu_offload) says; the batch's context then runs there too."""
     import llama_cpp
 
     class TemplateLlama(llama_cpp.Llama):
@@ -64,7 +65,7 @@ def _template_llama(model_path: str, threads: int):
             raise _Rendered(list(prompt), [stop] if isinstance(stop, str) else list(stop))
 
     return TemplateLlama(model_path=model_path, n_ctx=64, n_batch=8, n_ubatch=8, n_threads=threads,
-                         n_threads_batch=threads, verbose=False)
+                         n_threads_batch=threads, verbose=False, **offload)
 
 
 @dataclass(eq=False)
@@ -96,8 +97,9 @@ class BatchedLlama:
     """The decode loop. `submit` and `abort` are thread-safe; everything llama.cpp runs on the loop's thread."""
 
     def __init__(self, model_path: Path | str, *, n_ctx: int, threads: int, max_batch: int,
-                 unified: bool = False) -> None:
+                 unified: bool = False, offload: dict | None = None) -> None:
         self.model_path = str(model_path)
+        self.offload = dict(offload or {})  # llama_cpp.Llama's GPU keywords (engine.gpu_offload)
         self.unified = unified
         self.n_ctx = n_ctx  # per sequence, as for the unbatched engine
         self.threads = threads
@@ -121,7 +123,7 @@ class BatchedLlama:
         import llama_cpp
         from llama_cpp import _internals
 
-        self._llm = _template_llama(self.model_path, self.threads)
+        self._llm = _template_llama(self.model_path, self.threads, self.offload)
         params = llama_cpp.llama_context_default_params()
         # Room for every sequence's full window (split: n_ctx cells per sequence's buffer): the service
         # refuses prompt + max_tokens over n_ctx, so a step can never run out of cells.
@@ -510,12 +512,14 @@ class BatchedLlamaCppEngine(Engine):
 
     embedding = False
 
-    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, max_batch: int, kv_unified: bool = False) -> None:
+    def __init__(self, model_path: Path, *, n_ctx: int, threads: int, max_batch: int, kv_unified: bool = False,
+                 n_gpu_layers: int = 0, main_gpu: int = 0, tensor_split: list[float] | None = None) -> None:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.threads = threads
         self.max_batch = max_batch
-        self.core = BatchedLlama(model_path, n_ctx=n_ctx, threads=threads, max_batch=max_batch, unified=kv_unified)
+        self.core = BatchedLlama(model_path, n_ctx=n_ctx, threads=threads, max_batch=max_batch, unified=kv_unified,
+                                 offload=gpu_offload(n_gpu_layers, main_gpu, tensor_split))
 
     def load(self) -> None:
         self.core.load()

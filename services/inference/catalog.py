@@ -20,6 +20,7 @@ from shared.errors import BadRequest, NotFound
 Role = Literal["heavy", "fast", "embed"]
 MAX_BATCH = 64  # sequences per replica; each holds n_ctx cells of the replica's KV cache
 QUEUE_PER_SLOT, QUEUE_MIN = 16, 64  # the default `max_queue`: waiting requests per replica slot, and the least
+MAX_GPUS = 16  # llama.cpp's LLAMA_MAX_DEVICES: the longest tensor_split it takes
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -49,6 +50,14 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # prefix was copied in). True: one buffer for all (faster here, README; answers at temperature 0
     # then vary with the batch's other sequences, as attention sums over the interleaved cells).
     kv_unified: bool = False
+    # GPU offload for llama.cpp (a CUDA build of llama-cpp-python: deploy/scripts/install-llama-cpp.sh), as
+    # llama.cpp names it: layers on the GPU (0: none, the CPU does all; -1: every layer), the GPU that holds
+    # the scratch buffers (and the model, unsplit), and each GPU's share of the layers (empty: one GPU).
+    # A replica that offloads asks Ray for as many GPUs as it splits over (one unsplit) and the scheduler
+    # for a GPU node; Ray makes those the only visible ones, so main_gpu counts among them.
+    n_gpu_layers: Annotated[int, msgspec.Meta(ge=-1)] = 0
+    main_gpu: Annotated[int, msgspec.Meta(ge=0)] = 0
+    tensor_split: list[Annotated[float, msgspec.Meta(ge=0)]] = []
     # Requests that may wait for a free replica slot; one more is refused at once with a 503 and a retry hint
     # (pool.py) rather than waiting to time out behind a pile it cannot get through. None: QUEUE_PER_SLOT per
     # slot (replicas x max_batch), at least QUEUE_MIN, so a full round of missions' clones (16 at once by
@@ -60,6 +69,30 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             raise ValueError(f"model {self.name}: {len(self.shard_nodes)} shard_nodes for {self.shards} shards")
         if self.max_batch > 1:
             self._check_batchable()
+        if self.n_gpu_layers or self.main_gpu or self.tensor_split:
+            self._check_offload()
+
+    def _check_offload(self) -> None:
+        # vLLM places its model on the GPU by itself; a sharded replica's layers go to its RPC shards.
+        problems = [
+            (self.backend != "llama_cpp", "n_gpu_layers, main_gpu and tensor_split are for the llama_cpp backend"),
+            (bool(self.shards), "a sharded replica's layers live on its RPC shards, not on a GPU of its own"),
+            (not self.n_gpu_layers, "main_gpu and tensor_split need n_gpu_layers (0 offloads nothing)"),
+            (len(self.tensor_split) > MAX_GPUS, f"tensor_split names at most {MAX_GPUS} GPUs"),
+            (bool(self.tensor_split) and not sum(self.tensor_split), "tensor_split needs a share above 0"),
+            (self.main_gpu >= max(1, len(self.tensor_split)),
+             f"main_gpu {self.main_gpu} is not one of the replica's GPUs (one per tensor_split share, else one)"),
+        ]
+        why = next((message for bad, message in problems if bad), "")
+        if why:
+            raise ValueError(f"model {self.name}: {why}")
+
+    @property
+    def gpus(self) -> int:
+        """GPUs a replica asks Ray for: vLLM's one, or one per tensor_split share when llama.cpp offloads."""
+        if self.backend == "vllm":
+            return 1
+        return max(1, len(self.tensor_split)) if self.n_gpu_layers else 0
 
     def _check_batchable(self) -> None:
         # vLLM batches by itself; embeddings are one short call; sharded replicas load through RPC

@@ -12,6 +12,18 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Generator
 
+
+def gpu_offload(n_gpu_layers: int = 0, main_gpu: int = 0, tensor_split: list[float] | None = None) -> dict:
+    """The catalogue's GPU offload as `llama_cpp.Llama` keywords; none at all when nothing is offloaded, so a
+    CPU replica is built exactly as before. An empty tensor_split is left to llama.cpp (one GPU: main_gpu's)."""
+    if not n_gpu_layers:
+        return {}
+    offload: dict = dict(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu)
+    if tensor_split:
+        offload["tensor_split"] = list(tensor_split)
+    return offload
+
+
 # Tokens one embedding text may have (llama.cpp batch size; capped by n_ctx). Longer texts would be cut
 # silently by llama-cpp-python, so the service refuses them first (context.py).
 EMBED_BATCH = 512
@@ -67,23 +79,31 @@ class LlamaCppEngine(Engine):
     """llama-cpp-python on the CPU (or whatever ggml backend the wheel was built with)."""
 
     def __init__(self, model_path: Path, *, n_ctx: int, threads: int, embedding: bool = False,
-                 rpc_servers: list[str] | None = None) -> None:
+                 rpc_servers: list[str] | None = None, n_gpu_layers: int = 0, main_gpu: int = 0,
+                 tensor_split: list[float] | None = None) -> None:
         self.model_path = model_path
         self.n_ctx = n_ctx
         self.threads = threads
         self.embedding = embedding
         self.rpc_servers = list(rpc_servers or [])  # "host:port" shards holding the layers (rpc.py)
+        self.offload = gpu_offload(n_gpu_layers, main_gpu, tensor_split)
         self.placement: dict[str, int] = {}  # layers per shard once loaded on shards
         self._llm = None
         self._abort = threading.Event()
 
-    def load(self) -> None:
+    def llama_kwargs(self) -> dict:
+        """What `llama_cpp.Llama(...)` is built with, besides the model path."""
         import llama_cpp
 
-        kwargs = dict(n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads, verbose=False)
+        kwargs = dict(n_ctx=self.n_ctx, n_threads=self.threads, n_threads_batch=self.threads, verbose=False,
+                      **self.offload)
         if self.embedding:
             # A causal LM has no pooling of its own; mean pooling gives one vector per text.
             kwargs.update(embedding=True, pooling_type=llama_cpp.LLAMA_POOLING_TYPE_MEAN, n_batch=EMBED_BATCH)
+        return kwargs
+
+    def load(self) -> None:
+        kwargs = self.llama_kwargs()
         if self.rpc_servers:
             from services.inference import rpc
 

@@ -77,7 +77,50 @@ def replica_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
         return gang_specs(pool, replica_id)
     cells = pool.spec.n_ctx * pool.spec.max_batch  # a batched replica's KV cache holds every slot's window
     return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, cells),
-                         gpu_required=pool.spec.backend == "vllm")]
+                         gpu_required=pool.spec.gpus > 0)]  # vLLM, or llama.cpp with n_gpu_layers
+
+
+def actor_options(pool: ModelPool, name: str, node: str) -> dict:
+    """Ray's options for a replica actor: on its node, with the GPUs it offloads to."""
+    return dict(
+        name=name,
+        num_cpus=0,  # llama.cpp threads are sized by the catalogue, not by Ray's CPU accounting
+        num_gpus=pool.spec.gpus,  # Ray then shows the replica only its own GPUs (CUDA_VISIBLE_DEVICES)
+        resources={node_resource(node): 0.001},
+        # The service restarts replicas itself (keeper.py): Ray would restart one only on its pinned
+        # node, and never elsewhere when that node is gone.
+        max_restarts=0,
+        max_concurrency=pool.spec.actor_concurrency,  # a batched replica serves max_batch at once
+    )
+
+
+def replica_kwargs(pool: ModelPool, endpoints: list[str]) -> dict:
+    """The replica actor's keyword arguments. GPU offload is passed only when the catalogue asks for it, so a
+    CPU replica's actor is built exactly as before."""
+    spec = pool.spec
+    kwargs = dict(backend=spec.backend, rpc_servers=endpoints or None, max_batch=spec.max_batch,
+                  kv_unified=spec.kv_unified)
+    if spec.n_gpu_layers:
+        kwargs.update(n_gpu_layers=spec.n_gpu_layers, main_gpu=spec.main_gpu, tensor_split=list(spec.tensor_split))
+    return kwargs
+
+
+def node_gpus(ray_nodes: list[dict], node: str) -> float:
+    """GPUs Ray counts on a MAGI node (the most any of its live Ray nodes has), from `ray.nodes()`."""
+    key = node_resource(node)
+    return max((n.get("Resources", {}).get("GPU", 0.0) for n in ray_nodes
+                if n.get("Alive") and key in n.get("Resources", {})), default=0.0)
+
+
+def check_gpus(pool: ModelPool, node: str) -> None:
+    """A replica that needs GPUs on a node whose Ray has too few would wait in Ray until its warm-up timed out;
+    refuse it now, saying why (a node without GPUs, or one whose Ray was started without them)."""
+    import ray
+
+    if node_gpus(ray.nodes(), node) < pool.spec.gpus:
+        field = "backend" if pool.spec.backend == "vllm" else "n_gpu_layers"
+        raise Unavailable(f"model {pool.spec.name} needs {pool.spec.gpus} GPU(s) (n_gpu_layers / tensor_split, or "
+                          f"the vllm backend) but Ray counts fewer on node {node}", field=field)
 
 
 def pins(pool: ModelPool, specs: list[InstanceSpec]) -> dict[str, str]:
@@ -97,20 +140,14 @@ class ReplicaFactory:
     async def __call__(self, pool: ModelPool, index: int) -> Replica:
         replica_id = f"{pool.spec.name}/{index}"
         nodes = await self._place_on_live_nodes(pool, replica_id, replica_specs(pool, replica_id))
+        if pool.spec.gpus:
+            await asyncio.to_thread(check_gpus, pool, nodes[0])
         shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
         generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
-        actor = self._replica_class().options(
-            name=f"replica:{replica_id}" + (f"#{generation}" if generation else ""),
-            num_cpus=0,  # llama.cpp threads are sized by the catalogue, not by Ray's CPU accounting
-            num_gpus=1 if pool.spec.backend == "vllm" else 0,
-            resources={node_resource(nodes[0]): 0.001},
-            # The service restarts replicas itself (keeper.py): Ray would restart one only on its pinned
-            # node, and never elsewhere when that node is gone.
-            max_restarts=0,
-            max_concurrency=pool.spec.actor_concurrency,  # a batched replica serves max_batch at once
-        ).remote(replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
-                 backend=pool.spec.backend, rpc_servers=endpoints or None, max_batch=pool.spec.max_batch,
-                 kv_unified=pool.spec.kv_unified)
+        name = f"replica:{replica_id}" + (f"#{generation}" if generation else "")
+        actor = self._replica_class().options(**actor_options(pool, name, nodes[0])).remote(
+            replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
+            **replica_kwargs(pool, endpoints))
         return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
                        placed=nodes)
 
