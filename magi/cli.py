@@ -455,19 +455,23 @@ def cmd_validate_config(args) -> int:
 
 def cmd_place(args) -> int:
     """Offline planning: the scheduler's own code path, no running service needed."""
-    from services.scheduler.cluster import load_cluster, load_instances
-    from services.scheduler.planning import parse_explicit, plan
+    from magi.placing import place_offline
 
-    cluster = load_cluster(args.config)
-    result = plan(cluster.nodes, load_instances(args.instances), explicit=parse_explicit(args.placement or ""),
-                  weights=cluster.placement.weights)
-    out = {"placements": result.placements, "unplaced": result.unplaced}
-    if args.json:
-        print(json.dumps(out, indent=2, sort_keys=True))
-    else:
-        rows = [[i, n] for i, n in sorted(result.placements.items())] + [[i, f"UNPLACED: {r}"] for i, r in sorted(result.unplaced.items())]
-        print(render(["instance", "node"], rows))
-    return EXIT_OK if not result.unplaced else EXIT_FAILED
+    placed_all = place_offline(args.config, args.instances, args.placement or "", as_json=args.json,
+                               explain=args.explain, budget_s=args.budget)
+    return EXIT_OK if placed_all else EXIT_FAILED
+
+
+def cmd_rebalance(args) -> int:
+    """Move running instances so more are placed or they score better; --dry-run only lists the moves."""
+    from magi.placing import print_rebalance
+    from protos.sched import RebalanceReply, RebalanceRequest
+
+    request = RebalanceRequest(dry_run=args.dry_run, budget_s=args.budget)
+    reply = asyncio.run(_call("magi.sched.rebalance", request, RebalanceReply, args.timeout))
+    if not _emit(reply, args.json):
+        print_rebalance(reply)
+    return EXIT_OK if not reply.failed else EXIT_FAILED
 
 
 def cmd_agent(args) -> int:
@@ -567,7 +571,7 @@ def _common() -> argparse.ArgumentParser:
 
 # Commands that read and print something: each takes --json (a test holds every one of them to it).
 READ_COMMANDS = ("status", "nodes", "report", "models", "logs", "mission", "result", "memory", "history", "place",
-                 "drain", "undrain")
+                 "drain", "undrain", "rebalance")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -626,6 +630,15 @@ def _cluster_commands(add) -> None:
     p.add_argument("--config", required=True, help="CLUSTER.yaml")
     p.add_argument("--instances", required=True, help="INSTANCES.yaml (a list under `instances:`)")
     p.add_argument("--placement", help="explicit placements: a:jetson,b:rpi1")
+    p.add_argument("--explain", action="store_true", help="for each unplaced instance, the binding constraint and "
+                                                          "what each node breaks")
+    p.add_argument("--budget", type=float, help="seconds the exact solver may take when greedy leaves something "
+                                                "unplaced (default: the cluster file's placement.budget_s, 0.25)")
+    p = add("rebalance", cmd_rebalance, "move running instances so more are placed or they score better, one at a "
+                                        "time, each new copy running before the old one stops")
+    p.add_argument("--dry-run", action="store_true", help="list the moves, change nothing")
+    p.add_argument("--budget", type=float, default=2.0, help="seconds the solver may take (default 2)")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds to wait for every move to finish")
     p = add("cluster", cmd_cluster_init, "cluster material: `magi cluster init DIR --config CLUSTER.yaml`")
     p.add_argument("action", choices=["init"])
     p.add_argument("dir", help="where to write (outside git: it holds every secret)")

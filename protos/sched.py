@@ -39,6 +39,12 @@ class PlaceReply(msgspec.Struct, kw_only=True):
     placements: dict[str, str]
     unplaced: dict[str, str]
     epoch: int
+    # Proven: no placement within the hard constraints places more of the request (everything placed, or
+    # the exact solver proved it). False: the solver's time budget ended first; the best found is used.
+    optimal: bool = True
+    score_optimal: bool = False  # proven too: no placement of that size scores better (the solver finished)
+    method: Literal["greedy", "cp-sat"] = "greedy"  # cp-sat: greedy left something unplaced, the solver ran
+    solve_ms: float = 0.0
 
 
 class ReleaseRequest(msgspec.Struct, kw_only=True):
@@ -68,6 +74,36 @@ class DrainReply(msgspec.Struct, kw_only=True):
     epoch: int = 0
 
 
+class RebalanceRequest(msgspec.Struct, kw_only=True):
+    """`magi.sched.rebalance`: a placement that places more or scores better by moving running instances.
+
+    With `dry_run` nothing changes; otherwise the moves are applied one at a time, each new copy running
+    before the old one stops."""
+
+    dry_run: bool = True
+    budget_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 2.0  # the solver's wall-clock budget
+
+
+class Move(msgspec.Struct, kw_only=True):
+    instance_id: str
+    from_node: str  # "": a pending instance started where it now fits
+    to_node: str
+    score_gain: float = 0.0  # seed-002 points this instance gains on its new node
+
+
+class RebalanceReply(msgspec.Struct, kw_only=True):
+    moves: list[Move]  # in the order they are (or would be) applied
+    placed_before: int
+    placed_after: int
+    score_before: float  # the seed-002 score summed over placed instances
+    score_after: float
+    optimal: bool = False  # the solver proved no placement does better
+    dry_run: bool = True
+    applied: list[str] = []  # instance ids moved (not a dry run)
+    failed: dict[str, str] = {}  # instance id -> why its move did not happen (applying stops at the first)
+    epoch: int = 0
+
+
 class AssignmentsRequest(msgspec.Struct, kw_only=True):
     """`magi.sched.assignments.<node>`: what a node's agent should be running now (only that node's agent may ask)."""
 
@@ -88,3 +124,5 @@ class PlacementRecord(msgspec.Struct, kw_only=True):
     epoch: int
     state: Literal["placed", "pending", "crashloop", "refused"] = "placed"
     reason: str = ""
+    # A rebalance move in progress: the old copy keeps running here until the new one runs on `node`.
+    moving_from: str = ""

@@ -13,12 +13,12 @@ import time
 from itertools import groupby
 
 from protos.sched import InstanceSpec
+from services.scheduler.cluster import DEFAULT_BUDGET_S
 from services.scheduler.placement import PlacementResult, Placer
 from services.scheduler.solver import solve
 
 SEARCH_MAX_INSTANCES = 2_000  # above this, greedy alone (the exact model grows with instances x nodes)
 SEARCH_MAX_PAIRS = 200_000  # instance-node pairs the exact model may hold
-DEFAULT_BUDGET_S = 0.25  # the solver's wall-clock budget per batch: the scheduler answers within about this
 
 
 def difficulty(spec: InstanceSpec) -> tuple:

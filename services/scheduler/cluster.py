@@ -60,8 +60,14 @@ class ScoreWeights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     preferred_node: Gb = 10.0
 
 
+# The exact solver's wall-clock budget per batch (it runs only when greedy leaves something unplaced):
+# small enough that the scheduler stays responsive, enough for CP-SAT on a few dozen instances.
+DEFAULT_BUDGET_S = 0.25
+
+
 class PlacementConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weights: ScoreWeights = msgspec.field(default_factory=ScoreWeights)
+    budget_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = DEFAULT_BUDGET_S  # 0: greedy alone
 
 
 class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

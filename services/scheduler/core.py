@@ -17,11 +17,14 @@ import asyncio
 import logging
 import time
 
+import msgspec
+
 from protos.node import Heartbeat, NodeState
-from protos.sched import AssignmentsReply, InstanceSpec, PlacementRecord
-from services.scheduler.cluster import NodeConfig
+from protos.sched import AssignmentsReply, InstanceSpec, PlacementRecord, RebalanceReply
+from services.scheduler.cluster import DEFAULT_BUDGET_S, NodeConfig
 from services.scheduler.health import MISSED_BEATS, max_instances
 from services.scheduler.lease import Lease, NotLeader
+from services.scheduler.moving import rebalance
 from services.scheduler.placement import PlacementResult, Weights
 from services.scheduler.placements import PlacementStore
 from services.scheduler.planning import plan
@@ -51,8 +54,10 @@ def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
 
 class SchedulerCore:
     def __init__(self, registry: NodeRegistry, store: PlacementStore, lease: Lease,
-                 configured: list[NodeConfig] | None = None, weights: Weights | None = None) -> None:
+                 configured: list[NodeConfig] | None = None, weights: Weights | None = None,
+                 budget_s: float = DEFAULT_BUDGET_S) -> None:
         self.registry = registry
+        self.budget_s = budget_s  # the exact solver's wall-clock budget per batch
         self.store = store
         self.lease = lease
         self.configured = {n.name: n for n in configured or []}
@@ -117,11 +122,15 @@ class SchedulerCore:
         return list(nodes.values()), unavailable, states
 
     def running(self, exclude: set[str] = frozenset()) -> dict[str, tuple[InstanceSpec, str]]:
-        return {i: (r.spec, r.node) for i, r in self.records.items() if r.node and i not in exclude}
+        held = {i: (r.spec, r.node) for i, r in self.records.items() if r.node and i not in exclude}
+        # A move in progress: the old copy still runs, and holds its node's resources, until the new one runs.
+        held.update({f"{i}~moving": (msgspec.structs.replace(r.spec, instance_id=f"{i}~moving"), r.moving_from)
+                     for i, r in self.records.items() if r.moving_from and i not in exclude})
+        return held
 
     def assignments(self, node: str) -> AssignmentsReply:
         self.require_leader()  # a standby's memory may be stale: an agent must never act on it
-        specs = [r.spec for _, r in sorted(self.records.items()) if r.node == node]
+        specs = [r.spec for _, r in sorted(self.records.items()) if node in (r.node, r.moving_from)]
         return AssignmentsReply(node=node, epoch=self.epoch, instances=specs)
 
     # ---- changes -----------------------------------------------------------------------------------
@@ -152,8 +161,10 @@ class SchedulerCore:
             known = {s.instance_id: self.records[s.instance_id].node for s in specs if s.instance_id in self.records}
             fresh = [s for s in specs if s.instance_id not in known]
             nodes, unavailable, _ = await self.view()
-            result = plan(nodes, fresh, explicit={k: v for k, v in explicit.items() if k not in known},
-                          running=self.running(), unavailable=unavailable, weights=self.weights)
+            # CPU-bound for up to the budget (the solver): off the event loop, so heartbeats keep flowing.
+            result = await asyncio.to_thread(plan, nodes, fresh, explicit={k: v for k, v in explicit.items() if k not in known},
+                                             running=self.running(), unavailable=unavailable, weights=self.weights,
+                                             budget_s=self.budget_s)
             by_id = {s.instance_id: s for s in fresh}
             changed = [PlacementRecord(spec=by_id[i], node=n, epoch=0) for i, n in result.placements.items()]
             epoch = await self._commit(changed) if changed else self.epoch
@@ -180,14 +191,19 @@ class SchedulerCore:
     async def evacuate(self, dead: set[str]) -> tuple[PlacementResult, int, set[str]]:
         """Re-place what runs on `dead` nodes (and what is pending); crash-looping instances stay put."""
         async with self.lock:
+            back = [PlacementRecord(spec=r.spec, node=r.moving_from, epoch=0) for r in self.records.values()
+                    if r.moving_from and r.node in dead and r.moving_from not in dead]
+            if back:  # a move's new node died: its old copy still runs where it was, so it stays there
+                await self._commit(back)
             victims = [r for r in self.records.values()
                        if (r.node in dead or r.state == "pending") and r.state not in STUCK]
             if not victims:
                 return PlacementResult(), self.epoch, set()
             nodes, unavailable, _ = await self.view()
             moving = {r.spec.instance_id for r in victims}
-            result = plan(nodes, [r.spec for r in victims], running=self.running(exclude=moving),
-                          unavailable=unavailable | dead, weights=self.weights)
+            result = await asyncio.to_thread(plan, nodes, [r.spec for r in victims],
+                                             running=self.running(exclude=moving), unavailable=unavailable | dead,
+                                             weights=self.weights, budget_s=self.budget_s)
             changed = [PlacementRecord(spec=r.spec, node=result.placements.get(r.spec.instance_id, ""), epoch=0,
                                        state="placed" if r.spec.instance_id in result.placements else "pending",
                                        reason=result.unplaced.get(r.spec.instance_id, ""))
@@ -199,6 +215,10 @@ class SchedulerCore:
             epoch = await self._commit(changed)
             log.info("failover", extra={"moved": result.placements, "pending": sorted(result.unplaced), "epoch": epoch})
             return result, epoch, touched - {""}
+
+    async def rebalance(self, dry_run: bool, budget_s: float, nudge) -> RebalanceReply:
+        """A placement that places more or scores better by moving running instances (services.scheduler.moving)."""
+        return await rebalance(self, dry_run, budget_s, nudge)
 
     async def dead_nodes(self, interval: float) -> set[str]:
         """Nodes to evacuate: silent past the grace period, or in maintenance."""
@@ -218,7 +238,7 @@ class SchedulerCore:
             reason = (f"crash-looping on {hb.node}" if status.state == "crashloop"
                       else f"refused by {hb.node}'s agent: {status.reason}")
             changed.append(PlacementRecord(spec=record.spec, node=record.node, epoch=0, state=status.state,
-                                           reason=reason))
+                                           reason=reason, moving_from=record.moving_from))
         if changed:
             async with self.lock:
                 await self._commit(changed)

@@ -32,6 +32,7 @@ class PlacementResult:
     score_optimal: bool = False  # proven too: none of that size has a better score (the solver finished)
     method: str = "greedy"  # or "cp-sat": greedy left something unplaced and the solver searched
     solve_ms: float = 0.0
+    explanations: dict = field(default_factory=dict)  # instance id -> explain.Explanation, when asked
 
 
 def coordinator_score_mb(free_ram_gb: float, gpu_memory_gb: float, gpu: bool, model_size_gb: float) -> float:

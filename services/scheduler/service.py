@@ -1,8 +1,8 @@
-"""`magi.sched.*`: nodes, report, place, release, drain, assignments.<node>; failover in the background.
+"""`magi.sched.*`: nodes, report, place, release, drain, rebalance, assignments.<node>; failover in the background.
 
 Several schedulers may run against one Redis; one leads (services.scheduler.lease). Every scheduler
 hears heartbeats and answers the read-only `nodes` and `report`. Only the leader serves `place`,
-`release`, `drain` and `assignments.<node>`: it registers them as a second micro service instance on a
+`release`, `drain`, `rebalance` and `assignments.<node>`: it registers them as a second micro service instance on a
 connection of its own, opened on taking office and drained on leaving it, so NATS never routes a write
 or an agent's question to a standby. In the moment between losing the lease and closing that connection
 (a leader paused with SIGSTOP wakes up deposed), it answers 503 "not the leader; retry".
@@ -29,10 +29,12 @@ from protos.sched import (
     DrainRequest,
     PlaceReply,
     PlaceRequest,
+    RebalanceReply,
+    RebalanceRequest,
     ReleaseReply,
     ReleaseRequest,
 )
-from services.scheduler.cluster import load_cluster
+from services.scheduler.cluster import DEFAULT_BUDGET_S, load_cluster
 from services.scheduler.core import SchedulerCore, report
 from services.scheduler.leadership import Leadership
 from services.scheduler.lease import Lease, NotLeader
@@ -95,7 +97,11 @@ class SchedulerEndpoints:
     async def place(self, req: PlaceRequest, ctx: RequestContext) -> PlaceReply:
         result, epoch, touched = await self.core.place(req.instances, req.placement)
         await self.nudge(touched)
-        return PlaceReply(placements=result.placements, unplaced=result.unplaced, epoch=epoch)
+        return PlaceReply(placements=result.placements, unplaced=result.unplaced, epoch=epoch, optimal=result.optimal,
+                          score_optimal=result.score_optimal, method=result.method, solve_ms=round(result.solve_ms, 1))
+
+    async def rebalance(self, req: RebalanceRequest, ctx: RequestContext) -> RebalanceReply:
+        return await self.core.rebalance(req.dry_run, req.budget_s, self.nudge)
 
     async def release(self, req: ReleaseRequest, ctx: RequestContext) -> ReleaseReply:
         released, unknown, epoch, touched = await self.core.release(req.instance_ids)
@@ -134,7 +140,8 @@ class LeaderDuties:
     """What only the leader does: answer writes and assignments, and fail over."""
 
     WRITES = (("place", PlaceRequest, "place"), ("release", ReleaseRequest, "release"),
-              ("drain", DrainRequest, "drain"), ("assignments.*", AssignmentsRequest, "assignments"))
+              ("drain", DrainRequest, "drain"), ("rebalance", RebalanceRequest, "rebalance"),
+              ("assignments.*", AssignmentsRequest, "assignments"))
 
     def __init__(self, endpoints: SchedulerEndpoints, settings: Settings) -> None:
         self.endpoints = endpoints
@@ -174,7 +181,8 @@ async def build(settings: Settings):
     cluster = load_cluster(settings.cluster_file) if settings.cluster_file else None
     lease = Lease(client, f"{settings.node()}-{os.getpid()}", settings.sched_lease_s)
     core = SchedulerCore(registry, PlacementStore(client), lease, cluster.nodes if cluster else None,
-                         cluster.placement.weights if cluster else None)
+                         cluster.placement.weights if cluster else None,
+                         cluster.placement.budget_s if cluster else DEFAULT_BUDGET_S)
     await core.load()
     service = MagiService(NAME, VERSION, "Node registry, placement and failover", settings)
     endpoints = SchedulerEndpoints(core, service)

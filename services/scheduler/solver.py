@@ -181,6 +181,12 @@ class _Model:
         return [members for members in groups.values() if len(members) > 1]
 
 
+def seed_points(placer: Placer, spec: InstanceSpec) -> np.ndarray:
+    """Per node, the seed score the solver gives `spec` there (0-100, one decimal); 0 where it cannot go."""
+    mask = placer.feasible(spec)
+    return _integer_scores(placer.scores(spec), mask, coordinator=spec.model_size_gb > 0) / SCORE_SCALE * mask
+
+
 def _integer_scores(scores: np.ndarray, mask: np.ndarray, coordinator: bool) -> np.ndarray:
     """Seed-002 scores (0-100) scaled to integers; seed-001 coordinator scores (MB, any sign) mapped onto
     the same 0-100 range over the nodes that can take the instance, so neither kind outweighs the other."""
