@@ -10,7 +10,8 @@ From each reply's `timings`: `overhead_ms` = total_ms - engine_ms, where engine_
 reported spending inside their engines on the mission's critical path (the query's embedding, the clone
 that finished last, consensus's embeddings and synthesis, the answer's embedding); and each stage's share
 (its wall time less its engine time). `mission.client_overhead_ms` is the same from the caller's side: the
-round trip of `magi.mission.run` less engine_ms, so it adds the queue, the result store and two bus hops.
+round trip of `magi.mission.run` less engine_ms, so it adds the queue, the result store and two bus hops
+(`mission.outside_run_ms`: that round trip less the orchestrator's total_ms).
 """
 
 from __future__ import annotations
@@ -80,6 +81,11 @@ def _figures(prefix: str, runs: list[tuple[MissionReply, float]], tails: bool) -
     figures[f"{prefix}.client_overhead_ms.p50"] = _pct(client, 0.5)
     if tails:
         figures[f"{prefix}.client_overhead_ms.p99"] = _pct(client, 0.99)
+    # The caller's round trip outside the orchestrator's run: desk, JetStream queue, result store, bus hops.
+    outside = [ms - r.timings.total_ms for r, ms in runs]
+    figures[f"{prefix}.outside_run_ms.p50"] = _pct(outside, 0.5)
+    if tails:
+        figures[f"{prefix}.outside_run_ms.p99"] = _pct(outside, 0.99)
     figures[f"{prefix}.total_ms.p50"] = _pct([t.total_ms for t in timings], 0.5)
     figures[f"{prefix}.engine_ms.p50"] = _pct([t.engine_ms for t in timings], 0.5)
     return {k: round(v, 2) for k, v in figures.items()}
