@@ -458,7 +458,8 @@ def cmd_place(args) -> int:
     from magi.placing import place_offline
 
     placed_all = place_offline(args.config, args.instances, args.placement or "", as_json=args.json,
-                               explain=args.explain, budget_s=args.budget)
+                               explain=args.explain, budget_s=args.budget,
+                               default_budget_s=_CONTEXT["settings"].sched_place_budget_s)
     return EXIT_OK if placed_all else EXIT_FAILED
 
 
@@ -633,7 +634,8 @@ def _cluster_commands(add) -> None:
     p.add_argument("--explain", action="store_true", help="for each unplaced instance, the binding constraint and "
                                                           "what each node breaks")
     p.add_argument("--budget", type=float, help="seconds the exact solver may take when greedy leaves something "
-                                                "unplaced (default: the cluster file's placement.budget_s, 0.25)")
+                                                "unplaced (default: the cluster file's placement.budget_s, else "
+                                                "MAGI_SCHED_PLACE_BUDGET_S, 0.25)")
     p = add("rebalance", cmd_rebalance, "move running instances so more are placed or they score better, one at a "
                                         "time, each new copy running before the old one stops")
     p.add_argument("--dry-run", action="store_true", help="list the moves, change nothing")

@@ -9,13 +9,14 @@ from protos.sched import RebalanceReply
 
 
 def place_offline(config: str, instances: str, placement: str, *, as_json: bool, explain: bool,
-                  budget_s: float | None) -> bool:
-    """Plan with the scheduler's own code and print it; True when every instance is placed."""
+                  budget_s: float | None, default_budget_s: float) -> bool:
+    """Plan with the scheduler's own code and print it; True when every instance is placed. The budget:
+    `budget_s` when given, else the cluster file's placement.budget_s, else `default_budget_s`."""
     from services.scheduler.cluster import load_cluster, load_instances
     from services.scheduler.planning import parse_explicit, plan
 
     cluster = load_cluster(config)
-    budget = cluster.placement.budget_s if budget_s is None else budget_s
+    budget = next(b for b in (budget_s, cluster.placement.budget_s, default_budget_s) if b is not None)
     result = plan(cluster.nodes, load_instances(instances), explicit=parse_explicit(placement),
                   weights=cluster.placement.weights, budget_s=budget, explain=explain)
     out: dict = {"placements": result.placements, "unplaced": result.unplaced}

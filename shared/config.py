@@ -54,6 +54,9 @@ class Settings(msgspec.Struct, kw_only=True, frozen=True):
     agent_lease_s: Annotated[float, msgspec.Meta(ge=0)] = 0.0
     # The scheduler leader's lease in Redis (renewed every third of it): a dead leader is replaced this fast.
     sched_lease_s: Annotated[float, msgspec.Meta(gt=0)] = 3.0
+    # The scheduler's exact solver (CP-SAT), when greedy leaves instances unplaced: its wall-clock budget per
+    # batch; the best placement found by then is used. 0: greedy alone. A cluster file's placement.budget_s wins.
+    sched_place_budget_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.25
     # Missions: a running mission tells JetStream it is alive every third of this; a crashed orchestrator's
     # missions are redelivered this long after its last sign of life.
     mission_ack_wait_s: float = 6.0
@@ -143,6 +146,7 @@ _ENV = {
     "nats_monitor_port": "MAGI_NATS_MONITOR_PORT",
     "agent_lease_s": "MAGI_AGENT_LEASE_S",
     "sched_lease_s": "MAGI_SCHED_LEASE_S",
+    "sched_place_budget_s": "MAGI_SCHED_PLACE_BUDGET_S",
     "model_cache_bytes": "MAGI_MODEL_CACHE_BYTES",
 }
 

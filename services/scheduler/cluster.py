@@ -61,13 +61,15 @@ class ScoreWeights(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
 
 # The exact solver's wall-clock budget per batch (it runs only when greedy leaves something unplaced):
-# small enough that the scheduler stays responsive, enough for CP-SAT on a few dozen instances.
+# small enough that the scheduler stays responsive, enough for CP-SAT on a few dozen instances. The same
+# default as shared.config's sched_place_budget_s (imports point one way, so it is written twice).
 DEFAULT_BUDGET_S = 0.25
 
 
 class PlacementConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     weights: ScoreWeights = msgspec.field(default_factory=ScoreWeights)
-    budget_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = DEFAULT_BUDGET_S  # 0: greedy alone
+    # The exact solver's budget per batch; 0: greedy alone; unset: MAGI_SCHED_PLACE_BUDGET_S (0.25 s).
+    budget_s: Annotated[float, msgspec.Meta(ge=0, le=60)] | None = None
 
 
 class ClusterConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):

@@ -18,6 +18,8 @@ from services.scheduler.placement import Placer
 
 # In the order `Placer.why_not` checks them.
 CONSTRAINTS = ("healthy", "max_instances", "gpu", "ram", "gpu_memory", "anti_affinity")
+# On a tie, what is full (capacity taken by what is placed) binds before what a node simply lacks.
+TIE_ORDER = ("ram", "gpu_memory", "max_instances", "anti_affinity", "gpu", "healthy")
 
 
 @dataclass
@@ -49,11 +51,11 @@ def explain(placer: Placer, spec: InstanceSpec, gang_size: int = 0, explicit: st
             "members do not all fit at once beside what is placed"))
     alone = Counter(reasons_of(broken, n)[0] for n in range(len(placer.names)) if len(reasons_of(broken, n)) == 1)
     if alone:
-        binding, count = max(alone.items(), key=lambda item: (item[1], -CONSTRAINTS.index(item[0])))
+        binding, count = max(alone.items(), key=lambda item: (item[1], -TIE_ORDER.index(item[0])))
         summary = f"{binding}: relaxing it alone would open {count} of {len(placer.names)} nodes"
     else:
         every = Counter(c for n in range(len(placer.names)) for c in reasons_of(broken, n))
-        binding, count = max(every.items(), key=lambda item: (item[1], -CONSTRAINTS.index(item[0])),
+        binding, count = max(every.items(), key=lambda item: (item[1], -TIE_ORDER.index(item[0])),
                              default=("healthy", 0))
         summary = f"{binding}: broken on {count} of {len(placer.names)} nodes, each of which breaks more than one"
     return Explanation(binding=binding, summary=summary, nodes=nodes)

@@ -34,7 +34,7 @@ from protos.sched import (
     ReleaseReply,
     ReleaseRequest,
 )
-from services.scheduler.cluster import DEFAULT_BUDGET_S, load_cluster
+from services.scheduler.cluster import load_cluster
 from services.scheduler.core import SchedulerCore, report
 from services.scheduler.leadership import Leadership
 from services.scheduler.lease import Lease, NotLeader
@@ -175,6 +175,13 @@ class LeaderDuties:
                 log.debug("leader connection closed badly", extra={"error": f"{type(exc).__name__}: {exc}"})
 
 
+def placement_budget(cluster, settings: Settings) -> float:
+    """The cluster file's placement.budget_s when it sets one, else MAGI_SCHED_PLACE_BUDGET_S."""
+    if cluster is not None and cluster.placement.budget_s is not None:
+        return cluster.placement.budget_s
+    return settings.sched_place_budget_s
+
+
 async def build(settings: Settings):
     client = redis.from_url(settings.redis_url, socket_timeout=2.0, socket_connect_timeout=2.0)
     registry = await NodeRegistry.open(settings.redis_url, settings.heartbeat_s)
@@ -182,7 +189,7 @@ async def build(settings: Settings):
     lease = Lease(client, f"{settings.node()}-{os.getpid()}", settings.sched_lease_s)
     core = SchedulerCore(registry, PlacementStore(client), lease, cluster.nodes if cluster else None,
                          cluster.placement.weights if cluster else None,
-                         cluster.placement.budget_s if cluster else DEFAULT_BUDGET_S)
+                         placement_budget(cluster, settings))
     await core.load()
     service = MagiService(NAME, VERSION, "Node registry, placement and failover", settings)
     endpoints = SchedulerEndpoints(core, service)

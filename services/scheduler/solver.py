@@ -26,8 +26,9 @@ from services.scheduler.placement import Placer
 
 MILLI = 1000  # capacities in thousandths of a GB: CP-SAT works in integers
 SCORE_SCALE = 10  # seed scores (0-100) to integers with one decimal kept
-# A move in a rebalance costs this much score (seed points): a move must buy more than a cosmetic gain.
-MOVE_COST_POINTS = 10.0
+# A move in a rebalance costs this much score (seed points): half a preferred node, so a move must buy
+# more than a cosmetic gain.
+MOVE_COST_POINTS = 5.0
 SOLVE_OVERHEAD_S = 0.012  # reading the solution back and CP-SAT overshooting its limit: kept out of its share
 SEED = 2002  # CP-SAT's random seed: the same model and budget give the same answer
 
