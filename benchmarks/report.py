@@ -102,12 +102,13 @@ def machine_facts() -> dict:
             "llama_cpp_python": _version("llama-cpp-python"), "gpus": _gpus()}
 
 
-def history_entry(metrics: dict[str, float], *, groups: list[str], seconds: float,
+def history_entry(metrics: dict[str, float], *, groups: list[str], seconds: float, failed: dict[str, str] | None = None,
                   now: dt.datetime | None = None, git: dict | None = None, machine: dict | None = None) -> dict:
+    """One run: when, which commit, which machine, the groups asked for (and those that failed), the metrics."""
     now = now or dt.datetime.now(dt.timezone.utc)
     return {"date": now.isoformat(timespec="seconds"), **(git if git is not None else git_facts()),
             "machine": machine if machine is not None else machine_facts(), "groups": list(groups),
-            "seconds": round(seconds, 1), "metrics": dict(metrics)}
+            "failed": dict(failed or {}), "seconds": round(seconds, 1), "metrics": dict(metrics)}
 
 
 # ---- history ---------------------------------------------------------------------------------------------

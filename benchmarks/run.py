@@ -14,7 +14,7 @@ import inspect
 import json
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -85,39 +85,63 @@ GROUPS = [
 ]
 
 
-def _value(result: Any) -> dict[str, float]:
-    return asyncio.run(result) if inspect.iscoroutine(result) else result
+@dataclass
+class Results:
+    """A run's figures, and the groups that failed: a broken group costs its own figures, not the run's."""
+
+    metrics: dict[str, float] = field(default_factory=dict)
+    failed: dict[str, str] = field(default_factory=dict)  # group -> what went wrong
+    done: set[str] = field(default_factory=set)
+
+    def add(self, group: Group, metrics: dict[str, float]) -> None:
+        self.metrics.update(metrics)
+        self.done.add(group.name)
+
+    def fail(self, group: Group, exc: BaseException) -> None:
+        self.failed[group.name] = f"{type(exc).__name__}: {exc}"[:300]
+        progress(f"{group.name} FAILED ({self.failed[group.name]}); going on with the other groups")
 
 
-async def _on_stack(groups: list[Group], args: argparse.Namespace) -> dict[str, float]:
+async def _on_stack(groups: list[Group], args: argparse.Namespace, results: Results) -> None:
     """The stack groups on one private stack, started once for all of them."""
     home = Path(args.home).resolve()
     cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(),
                             services=("inference", "memory", "consensus"))
     state = await stack.up(cfg, progress)
     try:
-        run, metrics = Run(args, state.home, state.nats_url, state.pg_dsn), {}
+        run = Run(args, state.home, state.nats_url, state.pg_dsn)
         for group in groups:
             progress(group.description)
-            result = group.measure(run)
-            metrics.update(await result if inspect.iscoroutine(result) else result)
-        return metrics
+            try:
+                result = group.measure(run)
+                results.add(group, await result if inspect.iscoroutine(result) else result)
+            except Exception as exc:
+                results.fail(group, exc)
     finally:
         stack.down(home, progress)
 
 
-def measure(groups: list[Group], args: argparse.Namespace) -> dict[str, float]:
+def measure(groups: list[Group], args: argparse.Namespace) -> Results:
     """Each group in turn; the stack groups together, where the first of them stands in the list."""
-    metrics: dict[str, float] = {}
+    results = Results()
     on_stack = [g for g in groups if g.on_stack]
     for group in groups:
+        if group.on_stack and group is on_stack[0]:
+            try:
+                asyncio.run(_on_stack(on_stack, args, results))
+            except Exception as exc:  # the stack did not start (or stop): its groups not measured failed with it
+                for other in on_stack:
+                    if other.name not in results.done | results.failed.keys():
+                        results.fail(other, exc)
         if group.on_stack:
-            if group is on_stack[0]:
-                metrics.update(asyncio.run(_on_stack(on_stack, args)))
             continue
         progress(group.description)
-        metrics.update(_value(group.measure(Run(args))))
-    return metrics
+        try:
+            result = group.measure(Run(args))
+            results.add(group, asyncio.run(result) if inspect.iscoroutine(result) else result)
+        except Exception as exc:
+            results.fail(group, exc)
+    return results
 
 
 def chosen(only: str) -> list[Group]:
@@ -142,16 +166,21 @@ def compare(history_path: Path) -> int:
     return 0
 
 
-def record(metrics: dict[str, float], groups: list[Group], started: float, args: argparse.Namespace) -> None:
-    entry = report.history_entry(metrics, groups=[g.name for g in groups], seconds=time.time() - started)
+def record(results: Results, groups: list[Group], started: float, args: argparse.Namespace) -> None:
+    metrics = results.metrics
+    entry = report.history_entry(metrics, groups=[g.name for g in groups], seconds=time.time() - started,
+                                 failed=results.failed)
     RESULTS.mkdir(parents=True, exist_ok=True)
     meta = {"started": started, "seconds": entry["seconds"], "cpus": entry["machine"]["cores"],
             "machine": entry["machine"]["arch"], "python": entry["machine"]["python"], "date": entry["date"],
-            "commit": entry["commit"], "dirty": entry["dirty"], "groups": entry["groups"], "host": entry["machine"]}
+            "commit": entry["commit"], "dirty": entry["dirty"], "groups": entry["groups"], "failed": entry["failed"],
+            "host": entry["machine"]}
     latest = {"metrics": metrics, "meta": meta}
     (RESULTS / "latest.json").write_text(json.dumps(latest, indent=2) + "\n")
     print(render(["metric", "value"], [[k, v] for k, v in metrics.items()]))
     print(f"\nwritten to {RESULTS / 'latest.json'}")
+    for name, error in results.failed.items():
+        print(f"group {name} FAILED: {error}")
     if args.no_history:
         return
     report.append_history(entry, args.history)
@@ -179,9 +208,9 @@ def main(argv: list[str] | None = None) -> int:
         return compare(args.history)
     groups = chosen(args.only)
     started = time.time()
-    metrics = measure(groups, args)
-    record(metrics, groups, started, args)
-    return 0
+    results = measure(groups, args)
+    record(results, groups, started, args)
+    return 1 if results.failed else 0
 
 
 if __name__ == "__main__":

@@ -101,13 +101,31 @@ def test_only_picks_groups_in_their_order_and_refuses_unknown_ones():
     assert "warp" in str(info.value) and "sched" in str(info.value)
 
 
-def test_groups_run_in_turn_sync_or_async():
+def test_groups_run_in_turn_sync_or_async_and_a_failure_costs_only_its_own():
     async def later(_run):
         await asyncio.sleep(0)
         return {"b": 2.0}
 
-    groups = [run.Group("one", "first", lambda _r: {"a": 1.0}), run.Group("two", "second", later)]
-    assert run.measure(groups, argparse.Namespace()) == {"a": 1.0, "b": 2.0}
+    def broken(_run):
+        raise RuntimeError("no model")
+
+    groups = [run.Group("one", "first", lambda _r: {"a": 1.0}), run.Group("bad", "fails", broken),
+              run.Group("two", "second", later)]
+    results = run.measure(groups, argparse.Namespace())
+    assert results.metrics == {"a": 1.0, "b": 2.0}  # the groups after a failed one still ran
+    assert results.failed == {"bad": "RuntimeError: no model"} and results.done == {"one", "two"}
+
+
+def test_a_stack_that_does_not_start_fails_its_groups_only(monkeypatch):
+    async def no_stack(groups, args, results):
+        raise OSError("port taken")
+
+    monkeypatch.setattr(run, "_on_stack", no_stack)
+    groups = [run.Group("s1", "on the stack", lambda _r: {"x": 1.0}, on_stack=True),
+              run.Group("plain", "alone", lambda _r: {"y": 2.0}),
+              run.Group("s2", "on the stack too", lambda _r: {"z": 3.0}, on_stack=True)]
+    results = run.measure(groups, argparse.Namespace())
+    assert results.metrics == {"y": 2.0} and results.failed == {"s1": "OSError: port taken", "s2": "OSError: port taken"}
 
 
 def test_plots_are_drawn_from_the_metrics(tmp_path):
