@@ -33,6 +33,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.sched.place": (sched.PlaceRequest, sched.PlaceReply),
     "magi.sched.release": (sched.ReleaseRequest, sched.ReleaseReply),
     "magi.sched.drain": (sched.DrainRequest, sched.DrainReply),
+    "magi.sched.rebalance": (sched.RebalanceRequest, sched.RebalanceReply),
     "magi.sched.assignments.<node>": (sched.AssignmentsRequest, sched.AssignmentsReply),
     "magi.node.<node>.heartbeat": (node.Heartbeat, None),
     "magi.node.<node>.info": (common.Empty, node.Heartbeat),

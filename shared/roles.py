@@ -36,7 +36,7 @@ RESERVED_PREFIXES = ("$", "magi.", "_MAGI.")
 # whatever a caller asked: the second wall behind the services' own check (`check_output_subject`).
 _NEVER = ["$SYS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>", "magi.node.>"]
 _INFERENCE_DENY = [*_NEVER, "$JS.>", "magi.sched.assignments.>", "magi.sched.drain", "magi.sched.release",
-                   "magi.mission.>", "magi.memory.>", "magi.infer.>", "magi.consensus.>"]
+                   "magi.sched.rebalance", "magi.mission.>", "magi.memory.>", "magi.infer.>", "magi.consensus.>"]
 # The orchestrator pings `$SRV.PING` (two tokens) to notice restarts; it still never answers as a service.
 _ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "magi.sched.>", "magi.mission.run",
                       "magi.mission.get", "magi.memory.delete", "magi.infer.cancel", "magi.infer.embed", "magi.consensus.get",
@@ -113,7 +113,7 @@ def _role_table() -> dict[str, Permissions]:
         "scheduler": Permissions(
             pub_allow=["magi.node.*.reconcile"],
             sub_allow=_service("magi-scheduler", ["magi.sched.>", "magi.node.*.heartbeat"], "scheduler"),
-            summary="serves `magi.sched.>` (alone may answer place, drain, assignments), hears every heartbeat, "
+            summary="serves `magi.sched.>` (alone may answer place, drain, rebalance, assignments), hears every heartbeat, "
                     "nudges agents"),
         "inference": Permissions(
             pub_allow=[">"], pub_deny=_INFERENCE_DENY,

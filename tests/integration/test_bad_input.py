@@ -26,6 +26,7 @@ WRONG_TYPES = {
     "magi.sched.place": (b'{"instances": [{"instance_id": "a", "ram_gb": "big"}]}', "instances[0].ram_gb"),
     "magi.sched.release": (b'{"instance_ids": 5}', "instance_ids"),
     "magi.sched.drain": (b'{"node": "no spaces allowed"}', "node"),
+    "magi.sched.rebalance": (b'{"budget_s": -1}', "budget_s"),
     "magi.sched.assignments.testnode": (b'{"node": 7}', "node"),
 }
 MISSING_FIELDS = {
