@@ -705,7 +705,12 @@ def _operator_commands(add) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     _complete(parser)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if getattr(args, "command", None) == "bench":
+        # benchmarks.run parses its own options; argparse's REMAINDER leaves out the leading `--option`s.
+        args.rest = [*unknown, *args.rest]
+    elif unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     setup_cli_logging()
     try:
         _CONTEXT.update(settings=_settings(args), role=args.bus_role)

@@ -23,13 +23,16 @@ from services.inference.engines import make_engine
 class LlamaReplica:
     def __init__(self, replica_id: str, model_path: str, n_ctx: int, threads: int, embedding: bool,
                  backend: str = "llama_cpp", rpc_servers: list[str] | None = None, max_batch: int = 1,
-                 kv_unified: bool = False) -> None:
+                 kv_unified: bool = False, n_gpu_layers: int = 0, main_gpu: int = 0,
+                 tensor_split: list[float] | None = None) -> None:
         self.replica_id = replica_id
         self.node = os.environ.get("MAGI_NODE_NAME") or socket.gethostname()
         # rpc_servers: "host:port" shards (RpcShard actors) that hold the layers; llama_cpp only.
         extra = {"rpc_servers": rpc_servers} if rpc_servers else {}
         if max_batch > 1:
             extra["kv_unified"] = kv_unified
+        if n_gpu_layers:  # GPU offload (catalogue n_gpu_layers); Ray gave this actor its GPUs (replicas.py)
+            extra.update(n_gpu_layers=n_gpu_layers, main_gpu=main_gpu, tensor_split=tensor_split)
         self.engine = make_engine(backend, model_path, n_ctx=n_ctx, threads=threads, embedding=embedding,
                                   max_batch=max_batch, **extra)
         self.engine.load()

@@ -113,3 +113,12 @@ def test_gpus_per_node_come_from_rays_live_nodes():
         {"Alive": True, "Resources": {"CPU": 4, "magi_node:pi": 1000}},
     ]
     assert [node_gpus(nodes, n) for n in ("big", "gone", "pi", "unknown")] == [2.0, 0.0, 0.0, 0.0]
+
+
+def test_the_replica_actor_takes_the_offload():
+    import inspect
+
+    from services.inference.replica import LlamaReplica
+
+    kwargs = replica_kwargs(_pool(n_gpu_layers=-1, tensor_split=[1, 1]), [])
+    inspect.signature(LlamaReplica.__ray_actor_class__.__init__).bind(None, "m/0", "m.gguf", 256, 1, False, **kwargs)
