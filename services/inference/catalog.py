@@ -18,7 +18,8 @@ from services.inference import minilm
 from shared.errors import BadRequest, NotFound
 
 Role = Literal["heavy", "fast", "embed"]
-MAX_BATCH = 64  # sequences per replica; each holds n_ctx cells of the replica's KV cache
+MAX_BATCH = 64  # sequences per replica (llama.cpp: each holds n_ctx cells of the replica's KV cache)
+VLLM_SLOTS = 64  # a vLLM replica's requests at once unless the catalogue says
 QUEUE_PER_SLOT, QUEUE_MIN = 16, 64  # the default `max_queue`: waiting requests per replica slot, and the least
 MAX_GPUS = 16  # llama.cpp's LLAMA_MAX_DEVICES: the longest tensor_split it takes
 
@@ -43,8 +44,10 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # counted as a failure (a load that hangs must not hold a slot for ever).
     warmup_timeout_s: Annotated[float, msgspec.Meta(gt=0)] = 300.0
     # Sequences one replica decodes together (llama.cpp, batched.py): requests join and leave between
-    # steps and share the KV of a common prompt prefix. 1: one request at a time, the plain engine.
-    max_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)] = 1
+    # steps and share the KV of a common prompt prefix. 1: one request at a time, the plain engine. For vLLM,
+    # which batches by itself, its `max_num_seqs`: the requests the router sends a replica at once.
+    # Unset: 1 for llama.cpp, VLLM_SLOTS for vLLM.
+    max_batch: Annotated[int, msgspec.Meta(ge=1, le=MAX_BATCH)] | None = None
     # How a batched replica keeps its sequences' KV. False: a buffer per sequence, so a request's answer
     # does not depend on what else is in the batch (temperature 0 matches max_batch 1 unless a shared
     # prefix was copied in). True: one buffer for all (faster here, README; answers at temperature 0
@@ -63,8 +66,16 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # slot (replicas x max_batch), at least QUEUE_MIN, so a full round of missions' clones (16 at once by
     # default, a few clones each) or their memory lookups never meets it. 0: no bound (wait as before).
     max_queue: Annotated[int, msgspec.Meta(ge=0)] | None = None
+    # vLLM only: GPUs one replica spreads its model over (tensor parallelism, vLLM's own worker processes on
+    # one node); the replica asks Ray for that many and the scheduler for a node that has them.
+    tensor_parallel_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_GPUS)] = 1
 
     def __post_init__(self) -> None:
+        if self.max_batch is None:
+            self.max_batch = VLLM_SLOTS if self.backend == "vllm" else 1
+        if self.tensor_parallel_size > 1 and self.backend != "vllm":
+            raise ValueError(f"model {self.name}: tensor_parallel_size is for the vllm backend (llama.cpp splits "
+                             "layers with n_gpu_layers and tensor_split)")
         if len(self.shard_nodes) > self.shards:
             raise ValueError(f"model {self.name}: {len(self.shard_nodes)} shard_nodes for {self.shards} shards")
         if self.max_batch > 1:
@@ -89,17 +100,18 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
 
     @property
     def gpus(self) -> int:
-        """GPUs a replica asks Ray for: vLLM's one, or one per tensor_split share when llama.cpp offloads."""
+        """GPUs a replica asks Ray for: vLLM's tensor_parallel_size, or one per tensor_split share when llama.cpp
+        offloads."""
         if self.backend == "vllm":
-            return 1
+            return self.tensor_parallel_size
         return max(1, len(self.tensor_split)) if self.n_gpu_layers else 0
 
     def _check_batchable(self) -> None:
-        # vLLM batches by itself; embeddings are one short call; sharded replicas load through RPC
-        # servers, which the batched engine does not drive.
-        why = ("the vllm backend batches natively" if self.backend != "llama_cpp"
-               else "an embedding model" if self.embedding
-               else "a sharded replica" if self.shards else "")
+        # vLLM batches by itself (max_batch is its max_num_seqs); for llama.cpp, embeddings are one short
+        # call and sharded replicas load through RPC servers, which the batched engine does not drive.
+        if self.backend == "vllm":
+            return
+        why = "an embedding model" if self.embedding else "a sharded replica" if self.shards else ""
         if why:
             raise ValueError(f"model {self.name}: max_batch > 1 is for llama_cpp generation models, not {why}")
 
@@ -119,6 +131,10 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
         """Calls a replica actor runs at once: one for the plain engine (a second waits in Ray, as the
         engine serves one); for a batched engine every slot, plus one for a request whose slot the router
         freed on cancel while its call still winds down (the engine queues it until a slot frees)."""
+        if self.backend == "vllm":
+            # An async actor: every call is a coroutine on one loop, control calls (abort, ping) included, so
+            # there is room for an abort per running request besides the requests themselves.
+            return 2 * self.max_batch + 2
         return 1 if self.max_batch == 1 else self.max_batch + 1
 
 

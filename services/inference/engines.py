@@ -5,16 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.inference.engine import Engine, LlamaCppEngine
-from services.inference.vllm_engine import VllmEngine  # imports vllm only in load()
-from shared.errors import NotFound
+from shared.errors import BadRequest, NotFound
 
 BACKENDS = ("llama_cpp", "vllm")
 
 
 def make_engine(backend: str, model_path: str, *, n_ctx: int, threads: int, embedding: bool, max_batch: int = 1,
                 **extra) -> Engine:
-    """An unloaded engine; `extra` goes to the backend (for vllm: gpu_memory_utilization, LLM kwargs).
-    `max_batch` > 1 (llama_cpp generation only, checked by the catalogue) decodes that many requests together."""
+    """An unloaded llama.cpp engine; `extra` goes to it (RPC shards, GPU offload, KV layout). `max_batch` > 1
+    (generation only, checked by the catalogue) decodes that many requests together. vLLM has no engine here:
+    its replicas are async actors around one AsyncLLM each (vllm_replica.py)."""
     if backend == "llama_cpp" and max_batch > 1:
         from services.inference.batched import BatchedLlamaCppEngine
 
@@ -22,6 +22,6 @@ def make_engine(backend: str, model_path: str, *, n_ctx: int, threads: int, embe
     if backend == "llama_cpp":
         return LlamaCppEngine(Path(model_path), n_ctx=n_ctx, threads=threads, embedding=embedding, **extra)
     if backend == "vllm":
-        # threads is a CPU knob; vLLM sizes itself by GPU memory instead.
-        return VllmEngine(model_path, n_ctx=n_ctx, embedding=embedding, **extra)
+        raise BadRequest("vllm models run in VllmReplica actors (services/inference/vllm_replica.py), not in a "
+                         "threaded engine", field="backend")
     raise NotFound(f"unknown inference backend {backend!r}; known: {', '.join(BACKENDS)}", field="backend")

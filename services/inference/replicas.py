@@ -102,7 +102,20 @@ def replica_kwargs(pool: ModelPool, endpoints: list[str]) -> dict:
                   kv_unified=spec.kv_unified)
     if spec.n_gpu_layers:
         kwargs.update(n_gpu_layers=spec.n_gpu_layers, main_gpu=spec.main_gpu, tensor_split=list(spec.tensor_split))
+    if spec.backend == "vllm":
+        kwargs["tensor_parallel_size"] = spec.tensor_parallel_size
     return kwargs
+
+
+def replica_class(backend: str):
+    """The actor class for a backend: llama.cpp's threaded one, or vLLM's async one (one AsyncLLM per replica)."""
+    if backend == "vllm":
+        from services.inference.vllm_replica import VllmReplica
+
+        return VllmReplica
+    from services.inference.replica import LlamaReplica
+
+    return LlamaReplica
 
 
 def node_gpus(ray_nodes: list[dict], node: str) -> float:
@@ -145,17 +158,11 @@ class ReplicaFactory:
         shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
         generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
         name = f"replica:{replica_id}" + (f"#{generation}" if generation else "")
-        actor = self._replica_class().options(**actor_options(pool, name, nodes[0])).remote(
+        actor = replica_class(pool.spec.backend).options(**actor_options(pool, name, nodes[0])).remote(
             replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
             **replica_kwargs(pool, endpoints))
         return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
                        placed=nodes)
-
-    @staticmethod
-    def _replica_class():
-        from services.inference.replica import LlamaReplica
-
-        return LlamaReplica
 
     async def _start_shards(self, pool: ModelPool, nodes: list[str]) -> tuple[list, list[str]]:
         if not nodes:

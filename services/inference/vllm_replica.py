@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import socket
+import time
 from dataclasses import asdict
 
 import ray
@@ -38,16 +39,20 @@ class VllmReplica:
         return {"replica": self.replica_id, "node": self.node, "pid": os.getpid()}
 
     async def generate(self, params: dict, request_id: str) -> dict:
-        return asdict(await self.engine.generate(GenerateParams(**params), request_id))
+        """The `Generation` as a dict, with `engine_s` (here: the request's time in vLLM, queue included)."""
+        out = await self.engine.generate(GenerateParams(**params), request_id)
+        return dict(asdict(out), engine_s=out.seconds)
 
     @ray.method(num_returns="streaming")
     async def stream(self, params: dict, request_id: str, prefix: str = ""):
         """`{"piece": text}` per piece, then one dict with usage, as `LlamaReplica.stream`."""
         async for item in self.engine.stream(GenerateParams(**params), request_id, prefix):
-            yield asdict(item) if isinstance(item, Generation) else {"piece": item}
+            yield dict(asdict(item), engine_s=item.seconds) if isinstance(item, Generation) else {"piece": item}
 
-    async def embed(self, texts: list[str], request_id: str) -> list[list[float]]:
-        return await self.engine.embed(texts, request_id)
+    async def embed(self, texts: list[str], request_id: str) -> dict:
+        started = time.perf_counter()
+        vectors = await self.engine.embed(texts, request_id)
+        return {"vectors": vectors, "engine_s": time.perf_counter() - started}
 
     async def ping(self) -> int:
         return os.getpid()  # answers mid-generation: every call shares the loop, none blocks it

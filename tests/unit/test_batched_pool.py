@@ -52,7 +52,8 @@ async def test_overlapping_requests_count_busy_time_once():
 def test_max_batch_is_bounded_and_only_for_llama_cpp_generation():
     assert ModelSpec(name="m").max_batch == 1 and ModelSpec(name="m").actor_concurrency == 1
     assert ModelSpec(name="m", max_batch=8).actor_concurrency == 9
-    for bad in ({"max_batch": 0}, {"max_batch": 65}, {"max_batch": 4, "backend": "vllm"},
+    assert ModelSpec(name="m", backend="vllm", max_batch=4).max_batch == 4  # vLLM batches: its max_num_seqs
+    for bad in ({"max_batch": 0}, {"max_batch": 65}, {"tensor_parallel_size": 2},
                 {"max_batch": 4, "roles": ["embed"]}, {"max_batch": 4, "shards": 2}):
         with pytest.raises(msgspec.ValidationError):
             msgspec.convert({"models": [{"name": "m", **bad}]}, Catalog)

@@ -2,9 +2,9 @@ import builtins
 
 import pytest
 
+from services.inference import vllm_async
 from services.inference.engine import LlamaCppEngine
 from services.inference.engines import make_engine
-from services.inference.vllm_engine import VllmEngine
 from shared.errors import BadRequest, NotFound, Unavailable
 
 pytestmark = pytest.mark.unit
@@ -29,25 +29,25 @@ def test_unknown_backend_is_not_found():
     assert info.value.field == "backend" and "tensorrt" in info.value.message
 
 
-def test_make_engine_picks_the_backend_without_loading():
+def test_make_engine_picks_the_engine_without_loading():
     llama = make_engine("llama_cpp", "/models/x.gguf", n_ctx=512, threads=3, embedding=True)
     assert isinstance(llama, LlamaCppEngine) and llama.threads == 3 and llama.embedding
-    vllm = make_engine("vllm", "/models/hf", n_ctx=1024, threads=3, embedding=False, gpu_memory_utilization=0.5)
-    assert isinstance(vllm, VllmEngine) and vllm.n_ctx == 1024 and vllm.gpu_memory_utilization == 0.5
+    with pytest.raises(BadRequest) as info:  # vLLM runs in its own async actor (vllm_replica.py)
+        make_engine("vllm", "/models/hf", n_ctx=1024, threads=3, embedding=False)
+    assert info.value.field == "backend"
 
 
-def test_vllm_engine_constructs_and_load_says_what_to_install(no_vllm):
-    engine = VllmEngine("/models/hf", n_ctx=2048, enforce_eager=True)
-    assert engine.gpu_memory_utilization == 0.85 and engine.engine_kwargs == {"enforce_eager": True}
+def test_building_a_vllm_engine_without_vllm_says_what_to_install(no_vllm):
     with pytest.raises(Unavailable) as info:
-        engine.load()
+        vllm_async.build("/models/hf", n_ctx=2048, embedding=False, max_batch=8)
     assert info.value.field == "backend" and "gpu" in info.value.message
 
 
-def test_vllm_embed_on_a_generation_model_is_refused():
-    with pytest.raises(BadRequest):
-        VllmEngine("/models/hf", n_ctx=512).embed(["x"])
+def test_vllm_replicas_are_async_actors_with_room_for_control_calls():
+    from services.inference.catalog import ModelSpec
+    from services.inference.replicas import replica_class
 
-
-def test_vllm_close_before_load_is_harmless():
-    VllmEngine("/models/hf", n_ctx=512).close()
+    spec = ModelSpec(name="v", backend="vllm", tensor_parallel_size=2)
+    assert spec.max_batch == 64 and spec.gpus == 2 and spec.actor_concurrency == 2 * 64 + 2
+    assert replica_class("vllm").__ray_actor_class__.__name__ == "VllmReplica"
+    assert replica_class("llama_cpp").__ray_actor_class__.__name__ == "LlamaReplica"
