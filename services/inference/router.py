@@ -209,7 +209,7 @@ class Router:
             job.replica.actor.abort.remote(request_id)
         return True
 
-    async def embed(self, pool: ModelPool, texts: list[str], request_id: str) -> tuple[Replica, list[list[float]]]:
+    async def embed(self, pool: ModelPool, texts: list[str], request_id: str) -> tuple[Replica, dict | list[list[float]]]:
         replica = await pool.acquire()
         return replica, await self._on(pool, replica, request_id, replica.actor.embed.remote(texts, request_id))
 
