@@ -26,6 +26,7 @@ from benchmarks.consensus import measure_decide
 from benchmarks.failover import measure_failover
 from benchmarks.gateway import measure_gateway
 from benchmarks.infer import measure_tokens_per_s
+from benchmarks.load import measure_load
 from benchmarks.memory import measure_memory_recall, measure_memory_scale
 from benchmarks.overhead import measure_overhead
 from benchmarks.parallel import measure_parallel_speedup
@@ -88,6 +89,8 @@ GROUPS = [
     Group("seed", "seed 000's table: the same work locally (one process, one call after another) and through MAGI",
           lambda r: measure_seed_table(progress)),
     Group("overhead", "mission overhead outside the engines (tiny generations)", lambda r: measure_overhead(progress)),
+    Group("load", "load curves: generate and missions at concurrency 1, 4, 16, 64; refusals past the bounds",
+          lambda r: measure_load(progress)),
 ]
 
 

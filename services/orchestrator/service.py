@@ -176,10 +176,11 @@ async def build(settings: Settings):
     orchestrator = Orchestrator(nc)
     queue = MissionQueue(nc, orchestrator.run, disruptions, ack_wait_s=settings.mission_ack_wait_s,
                          max_deliver=settings.mission_max_deliver, concurrency=settings.mission_concurrency,
-                         replicas=settings.stream_replicas)
+                         replicas=settings.stream_replicas, max_pending=settings.mission_max_pending)
     await queue.start()
-    service.extra_stats = queue.stats  # missions by outcome, for the gateway's `/metrics`
     desk = MissionDesk(nc)
+    # Missions by outcome and those refused for a full stream, for the gateway's `/metrics`.
+    service.extra_stats = lambda: {**queue.stats(), "missions_refused": desk.refused}
     service.endpoint("magi.mission.run", MissionRequest, desk.run)
     service.endpoint("magi.mission.get", MissionGet, desk.get)
 
