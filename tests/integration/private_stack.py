@@ -16,10 +16,11 @@ from shared.config import Settings
 
 
 @contextlib.contextmanager
-def inference_stack(home: Path, catalogue: dict):
-    """NATS, Redis and the inference service alone, serving `catalogue`; stopped however the tests end."""
+def inference_stack(home: Path, catalogue: dict, services: tuple[str, ...] = ("inference",)):
+    """NATS, Redis and the inference service (and any other `services`), serving `catalogue`; stopped however
+    the tests end."""
     (home / "models.yaml").write_text(yaml.safe_dump(catalogue))
-    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
+    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=services,
                             extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
     state = asyncio.run(stack.up(cfg))
     try:
@@ -43,3 +44,19 @@ def agent_servers(home: Path, agents: tuple[str, ...], **settings):
                        agent_policy=str(policy), **settings)
     finally:
         stack.down(home)
+
+
+@contextlib.asynccontextmanager
+async def scheduler_and_two_agents(tmp_path: Path):
+    """A LocalCluster with a scheduler and the agents of node-a and node-b, heartbeating every second."""
+    from magi.localcluster import LocalCluster
+
+    c = LocalCluster(tmp_path, heartbeat_s=1.0)
+    await c.up()
+    await c.start("sched", "services.scheduler")
+    await c.start("a", "services.agent", "node-a")
+    await c.start("b", "services.agent", "node-b")
+    try:
+        yield c
+    finally:
+        await c.down()

@@ -21,7 +21,6 @@ import msgspec
 import pytest
 
 from magi import stack
-from magi.procs import free_port
 from protos.infer import GenerateReply, GenerateRequest
 from protos.mission import SUBMIT_STREAM, ConsensusSummary, MissionReply, MissionRequest, Timings
 from services.orchestrator.desk import MissionDesk
@@ -30,6 +29,7 @@ from services.orchestrator.watch import Disruptions
 from shared import bus, errors
 from shared.service import RequestContext
 from tests.integration.inference_stats import model_counter
+from tests.integration.private_stack import inference_stack
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(300)]
 
@@ -45,17 +45,8 @@ TIMEOUT_S = 120.0
 
 @pytest.fixture(scope="module")
 def saturable(tmp_path_factory):
-    import yaml
-
-    home = Path(tmp_path_factory.mktemp("admission-home"))
-    (home / "models.yaml").write_text(yaml.safe_dump(CATALOGUE))
-    cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference", "gateway"),
-                            extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
-    state = asyncio.run(stack.up(cfg))
-    try:
+    with inference_stack(Path(tmp_path_factory.mktemp("admission-home")), CATALOGUE, ("inference", "gateway")) as state:
         yield state
-    finally:
-        stack.down(home)
 
 
 @pytest.fixture

@@ -12,20 +12,14 @@ from magi.localcluster import LocalCluster
 from protos.node import ClusterReport
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
 from shared import bus
+from tests.integration.private_stack import scheduler_and_two_agents
 
 pytestmark = pytest.mark.integration
 
 @pytest.fixture
 async def cluster(tmp_path):
-    c = LocalCluster(tmp_path, heartbeat_s=1.0)
-    await c.up()
-    await c.start("sched", "services.scheduler")
-    await c.start("a", "services.agent", "node-a")
-    await c.start("b", "services.agent", "node-b")
-    try:
+    async with scheduler_and_two_agents(tmp_path) as c:
         yield c
-    finally:
-        await c.down()
 
 
 async def place_one(c: LocalCluster, instance_id: str, node: str) -> int:

@@ -10,21 +10,15 @@ from magi.localcluster import SLEEPER, LocalCluster
 from protos.node import NodesReply
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest, RebalanceReply, RebalanceRequest
 from shared import bus
+from tests.integration.private_stack import scheduler_and_two_agents
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
 
 
 @pytest.fixture
 async def cluster(tmp_path):
-    c = LocalCluster(tmp_path, heartbeat_s=1.0)
-    await c.up()
-    await c.start("sched", "services.scheduler")
-    await c.start("a", "services.agent", "node-a")
-    await c.start("b", "services.agent", "node-b")
-    try:
+    async with scheduler_and_two_agents(tmp_path) as c:
         yield c
-    finally:
-        await c.down()
 
 
 async def copies(c: LocalCluster, instance_id: str) -> dict[str, int]:
