@@ -178,7 +178,12 @@ class Router:
             if final.get("finish_reason") == "caller_gone":
                 pool.counters["abandoned"] += 1
             final["text"] = "".join(sent)
-            final["completion_tokens"] = len(sent)
+            if attempt > 1 or "completion_tokens" not in final:
+                # Continued after a replica died: the pieces sent by both (one per token on the plain engine;
+                # the dead replica's own count is lost with it).
+                final["completion_tokens"] = len(sent)
+            # else the engine's count: a batched engine may send several tokens as one piece (a UTF-8
+            # character, text held back while it might start a stop string).
             replica.tokens += final["completion_tokens"]
             return replica, final, attempt
         raise AssertionError("unreachable")
