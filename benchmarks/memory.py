@@ -40,9 +40,10 @@ def _search_request(text: str, mode: str | None = None) -> SearchRequest:
     return SearchRequest(text=text, k=K, namespace=NAMESPACE, mode=mode)
 
 
-async def _upsert(nc, documents: list[dict]) -> None:
+async def upsert_documents(nc, documents: list[dict], namespace: str = NAMESPACE) -> None:
+    """The labelled set's documents (`{"id", "text"}`) into `namespace`, BATCH per upsert."""
     for start in range(0, len(documents), BATCH):
-        docs = [MemoryDoc(id=d["id"], text=d["text"], namespace=NAMESPACE) for d in documents[start:start + BATCH]]
+        docs = [MemoryDoc(id=d["id"], text=d["text"], namespace=namespace) for d in documents[start:start + BATCH]]
         await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=docs), UpsertReply, timeout=TIMEOUT)
 
 
@@ -84,7 +85,7 @@ async def measure_memory_recall(home, nats_url: str, progress=print) -> dict[str
     ranks: dict[str | None, list[int | None]] = {}
     try:
         progress(f"memory: upserting {len(data['documents'])} documents into namespace {NAMESPACE!r}")
-        await _upsert(nc, data["documents"])
+        await upsert_documents(nc, data["documents"])
         for mode in (None, *MODES):
             progress(f"memory: searching {len(data['questions'])} questions (k={K}, mode {mode or 'default'})")
             ranks[mode] = [await _rank(nc, q, mode) for q in data["questions"]]

@@ -28,11 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from benchmarks.memory import DATA, upsert_documents
 from magi import stack
 from magi.procs import free_port
 from protos.consensus import Vote
 from protos.infer import GenerateReply, GenerateRequest
-from protos.memory import MemoryDoc, SearchHit, SearchReply, SearchRequest, UpsertReply, UpsertRequest
+from protos.memory import SearchHit, SearchReply, SearchRequest
 from protos.mission import MissionReply, MissionRequest
 from services.consensus.strategies import decide
 from services.inference.catalog import EMBED_THREADS, default_catalog, resolve_source
@@ -43,7 +44,6 @@ from shared import bus
 
 log = logging.getLogger("magi.bench.seed")
 
-DATA = Path(__file__).resolve().parent / "data" / "memory_eval.json"
 NAMESPACE = "seedbench"
 K = 3
 MAX_TOKENS = 48
@@ -170,20 +170,13 @@ async def _magi_round(magi: _Magi, rows: dict[str, _Row], questions: list[str]) 
         rows["full_op"].magi_s.append(await _timed(magi.full_op(_mission(questions[i]))))
 
 
-async def _seed_memory(nc) -> None:
-    docs = json.loads(DATA.read_text())["documents"]
-    for first in range(0, len(docs), 32):
-        batch = [MemoryDoc(id=d["id"], text=d["text"], namespace=NAMESPACE) for d in docs[first:first + 32]]
-        await bus.request(nc, "magi.memory.upsert", UpsertRequest(documents=batch), UpsertReply, timeout=TIMEOUT)
-
-
 async def _measure(state, rounds: int, progress) -> dict[str, _Row]:
     rows = {name: _Row() for name in ROWS}
     nc = await stack.connect_as(state.home, state.nats_url)
     local = _Local(state.pg_dsn)
     try:
         progress("seed table: memory notes, local engines, one untimed round each")
-        await _seed_memory(nc)
+        await upsert_documents(nc, json.loads(DATA.read_text())["documents"], NAMESPACE)
         await local.open()
         magi = _Magi(nc)
         warm = {name: _Row() for name in ROWS}
