@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from magi import modelstore
+from shared import modelstore
 from magi.table import render
 from services.inference.catalog import resolve_source
 from shared.config import Settings

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from magi import modelstore, stack
+from magi import stack
+from shared import modelstore
 from shared.errors import NotFound
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]

@@ -9,7 +9,7 @@ import os
 import pytest
 from nats.js.api import ObjectInfo
 
-from magi import modelstore
+from shared import modelstore
 from shared.errors import BadRequest, Unprocessable
 
 pytestmark = pytest.mark.unit

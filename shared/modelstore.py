@@ -6,8 +6,8 @@ and out, JetStream replicates it with the stream when NATS is clustered (`MAGI_S
 bus's credentials and permissions already say who may write (admin) and who may read (agents): there is
 no second server to run and secure.
 
-Operator tooling for now (`magi models`); it moves to `shared/` when the agents fetch models for the
-replicas placed on their nodes.
+Used by the operator tooling (`magi models`), by a node's agent (`magi.node.<node>.models.fetch`: the file of a
+replica placed on that node) and by the inference service (its own copy, for the tokenizer).
 
 Digests are written `sha256:<hex>` (as OCI and Ollama write them); the cache file of a model is
 `<cache>/<hex>.gguf`, so two names for the same bytes share one file and a name moved to new bytes is a
@@ -99,12 +99,15 @@ async def upload(js: JetStreamContext, name: str, path: Path, *, replicas: int =
     return stored
 
 
-async def describe(js: JetStreamContext, name: str) -> StoredModel:
-    store = await _bucket(js)
+async def _describe_in(store, name: str) -> StoredModel:
     try:
         return _stored(await store.get_info(name))
     except ObjectNotFoundError:
         raise NotFound(f"no model {name!r} in the store", field="name") from None
+
+
+async def describe(js: JetStreamContext, name: str) -> StoredModel:
+    return await _describe_in(await _bucket(js), name)
 
 
 async def list_models(js: JetStreamContext) -> list[StoredModel]:
@@ -120,8 +123,8 @@ async def list_models(js: JetStreamContext) -> list[StoredModel]:
 
 
 async def remove(js: JetStreamContext, name: str) -> None:
-    await describe(js, name)  # NotFound for a name the store does not hold
     store = await _bucket(js)
+    await _describe_in(store, name)  # NotFound for a name the store does not hold
     await store.delete(name)
 
 
@@ -182,7 +185,8 @@ async def fetch(js: JetStreamContext, name: str, cache: ModelCache, *, digest: s
                 keep: frozenset[str] = frozenset()) -> tuple[StoredModel, Path]:
     """The model's file in the cache, downloaded and verified first when it is not there. With `digest`, the
     store must hold exactly those bytes under `name` (NotFound otherwise): a replica loads what it was told."""
-    model = await describe(js, name)
+    store = await _bucket(js)
+    model = await _describe_in(store, name)
     if digest and model.digest != digest:
         raise NotFound(f"model {name!r} in the store is {model.digest}, not {digest}", field="digest")
     hit = cache.lookup(model.digest)
@@ -193,7 +197,7 @@ async def fetch(js: JetStreamContext, name: str, cache: ModelCache, *, digest: s
     part = cache.root / f".{final.name}.{uuid.uuid4().hex}.part"
     try:
         with open(part, "wb") as f:
-            await (await _bucket(js)).get(name, writeinto=f)  # nats-py checks the digest it read in the info
+            await store.get(name, writeinto=f)  # nats-py checks the digest it read in the info
         # The name may have been given new bytes between the info read above and the download: the file must
         # be the digest this call promises, whatever the store holds now.
         got = await asyncio.to_thread(file_digest, part)
