@@ -38,6 +38,7 @@ SUBJECTS: dict[str, tuple[type, type | None]] = {
     "magi.node.<node>.heartbeat": (node.Heartbeat, None),
     "magi.node.<node>.info": (common.Empty, node.Heartbeat),
     "magi.node.<node>.logs": (node.LogsRequest, node.LogsReply),
+    "magi.node.<node>.models.fetch": (node.ModelFetchRequest, node.ModelFetchReply),
     "magi.gateway.info": (common.Empty, gateway.GatewayInfo),
     "error": (common.ErrorReply, None),
 }

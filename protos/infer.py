@@ -36,6 +36,9 @@ class GenerateRequest(msgspec.Struct, kw_only=True):
     stream_subject: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_$.-]*$", max_length=256)] = ""
     # A caller-chosen id that `magi.infer.cancel` can name; the service makes one up when empty.
     request_id: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]*$", max_length=128)] = ""
+    # sha256:<hex>: only a model whose replicas load exactly these bytes may answer (404 naming `digest`
+    # otherwise); "": any.
+    digest: Annotated[str, msgspec.Meta(pattern=r"^(sha256:[0-9a-f]{64})?$")] = ""
 
 
 class GenerateReply(msgspec.Struct, kw_only=True):
@@ -79,6 +82,7 @@ class EmbedRequest(msgspec.Struct, kw_only=True):
 
     texts: Annotated[list[str], msgspec.Meta(min_length=1, max_length=256)]
     model: str = ""
+    digest: Annotated[str, msgspec.Meta(pattern=r"^(sha256:[0-9a-f]{64})?$")] = ""  # as GenerateRequest.digest
 
 
 class EmbedReply(msgspec.Struct, kw_only=True):
@@ -102,6 +106,7 @@ class ReplicaInfo(msgspec.Struct, kw_only=True):
     restarts: int = 0
     utilisation: float = 0.0  # share of the time since it became ready spent generating
     shards: list[str] = []  # llama.cpp RPC endpoints this replica's layers are spread over
+    digest: str = ""  # sha256:<hex> of the model file this replica loaded ("" for a vLLM folder)
 
 
 class ModelInfo(msgspec.Struct, kw_only=True):
@@ -114,6 +119,7 @@ class ModelInfo(msgspec.Struct, kw_only=True):
     replicas: list[ReplicaInfo] = []
     queued: int = 0  # requests waiting for a free replica
     max_batch: int = 1  # requests one replica decodes together (its slots); a replica is free while one is
+    digest: str = ""  # sha256:<hex> every replica of the model loads ("" for a vLLM folder)
 
 
 class ModelsReply(msgspec.Struct, kw_only=True):

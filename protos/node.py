@@ -54,6 +54,11 @@ class Heartbeat(msgspec.Struct, kw_only=True):
     interval_s: Annotated[float, msgspec.Meta(ge=0, le=60)] = 0.0
     # The newest placement epoch the agent has accepted: a new scheduler leader never goes below it.
     epoch: int = 0
+    # The node's model cache (`$MAGI_HOME/models`): the digests it holds (`sha256:<hex>`), and the bytes a new
+    # model may still take there (free disk, and the cache's own cap); the scheduler prefers a node that holds
+    # a replica's model and refuses one that cannot take its download.
+    models: list[str] = []
+    model_room_gb: float | None = None  # None: not reported (an agent without a model cache)
 
 
 class NodeState(msgspec.Struct, kw_only=True):
@@ -105,3 +110,23 @@ class InstanceLog(msgspec.Struct, kw_only=True):
 class LogsReply(msgspec.Struct, kw_only=True):
     node: str
     logs: list[InstanceLog] = []
+
+
+Digest = Annotated[str, msgspec.Meta(pattern=r"^(sha256:[0-9a-f]{64})?$")]
+
+
+class ModelFetchRequest(msgspec.Struct, kw_only=True):
+    """`magi.node.<node>.models.fetch`: put a model of the bus's model store into the node's cache, verified."""
+
+    name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]+$", max_length=255)]
+    digest: Digest = ""  # sha256:<hex>: exactly these bytes (refused when the store holds others); "": the latest
+
+
+class ModelFetchReply(msgspec.Struct, kw_only=True):
+    node: str
+    name: str
+    path: str  # the verified file on that node, `$MAGI_HOME/models/<hex>.gguf`
+    digest: str
+    size: int
+    cached: bool = False  # already in the cache: nothing was downloaded
+    fetch_ms: float = 0.0

@@ -22,6 +22,11 @@ class InstanceSpec(msgspec.Struct, kw_only=True):
     group: str = ""  # a gang: every member is placed, or none
     experiment_config_path: str = ""
     model_size_gb: Gb = 0.0  # a model-serving coordinator: placed by the seed-001 RAM/GPU score
+    # A replica of a model from the bus's model store: its digest (sha256:<hex>) and the download it costs a node
+    # whose cache does not hold it. Such a node needs that much room (Heartbeat.model_room_gb); one holding the
+    # digest is preferred.
+    model_digest: str = ""
+    download_gb: Gb = 0.0
     command: list[str] = []  # empty: a placement only, nothing for the agent to run
     env: dict[str, str] = {}
     cwd: str = ""

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import json
 import logging
 import os
 import uuid
@@ -185,13 +186,22 @@ async def fetch(js: JetStreamContext, name: str, cache: ModelCache, *, digest: s
                 keep: frozenset[str] = frozenset()) -> tuple[StoredModel, Path]:
     """The model's file in the cache, downloaded and verified first when it is not there. With `digest`, the
     store must hold exactly those bytes under `name` (NotFound otherwise): a replica loads what it was told."""
+    model, path, _ = await fetch_into(js, name, cache, digest=digest, keep=keep)
+    return model, path
+
+
+async def fetch_into(js: JetStreamContext, name: str, cache: ModelCache, *, digest: str = "",
+                     keep: frozenset[str] = frozenset()) -> tuple[StoredModel, Path, bool]:
+    """`fetch`, also saying whether the file was in the cache already (True: nothing was downloaded)."""
+    if digest:
+        digest_hex(digest)  # BadRequest naming `digest` before anything is asked of the store
     store = await _bucket(js)
     model = await _describe_in(store, name)
     if digest and model.digest != digest:
         raise NotFound(f"model {name!r} in the store is {model.digest}, not {digest}", field="digest")
     hit = cache.lookup(model.digest)
     if hit is not None:
-        return model, hit
+        return model, hit, True
     cache.make_room(model.size, keep)
     final = cache.path_for(model.digest)
     part = cache.root / f".{final.name}.{uuid.uuid4().hex}.part"
@@ -208,4 +218,30 @@ async def fetch(js: JetStreamContext, name: str, cache: ModelCache, *, digest: s
     finally:
         part.unlink(missing_ok=True)
     log.info("model fetched", extra={"model": name, "digest": model.digest, "bytes": model.size})
-    return model, final
+    return model, final, False
+
+
+KNOWN_DIGESTS = "digests.json"  # in a cache folder: local files' digests by path, size and mtime
+
+
+def known_file_digest(path: Path, folder: Path) -> str:
+    """`sha256:<hex>` of a local model file, hashed once per content: the result is kept in
+    `<folder>/digests.json` under the file's path, size and mtime (ns), so a restart does not rehash a big file
+    that has not changed. Blocking: call it off the event loop."""
+    stat = path.stat()
+    key = f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}"
+    book = folder / KNOWN_DIGESTS
+    try:
+        known = json.loads(book.read_text())
+    except (OSError, ValueError):
+        known = {}
+    if isinstance(known, dict) and isinstance(known.get(key), str):
+        return known[key]
+    digest = file_digest(path)
+    known = {k: v for k, v in (known.items() if isinstance(known, dict) else ()) if not k.startswith(f"{path.resolve()}|")}
+    known[key] = digest
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{KNOWN_DIGESTS}.{uuid.uuid4().hex}"
+    tmp.write_text(json.dumps(known, indent=1, sort_keys=True))
+    os.replace(tmp, book)  # atomic: a concurrent reader sees the old book or the new one
+    return digest

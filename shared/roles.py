@@ -21,6 +21,7 @@ import re
 import msgspec
 
 from protos.mission import RESULT_STREAM, SUBMIT_STREAM
+from shared.modelstore import STREAM as MODEL_STREAM
 
 SERVICE_ROLES = ("scheduler", "inference", "memory", "consensus", "orchestrator", "gateway")
 USER_ROLES = ("client", "admin")
@@ -35,7 +36,26 @@ RESERVED_PREFIXES = ("$", "magi.", "_MAGI.")
 # What services whose output subjects callers choose (inference, orchestrator) may never publish to,
 # whatever a caller asked: the second wall behind the services' own check (`check_output_subject`).
 _NEVER = ["$SYS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>", "magi.node.>"]
-_INFERENCE_DENY = [*_NEVER, "$JS.>", "magi.sched.assignments.>", "magi.sched.drain", "magi.sched.release",
+# Inference reads the model store (its own copy of a model, for the tokenizer, and a replica's where no agent
+# answers): of JetStream it may create consumers and read messages and stream info, never change or delete
+# a stream or a consumer it did not create, pull from a work queue, or ack (and `$O.>`, the store's own
+# subjects, stays denied: it cannot write a model). Of the node subjects it may only ask `models.fetch`
+# (five tokens; an agent's heartbeat, info, logs and reconcile are four, and their live log lines more).
+_JS_CHANGES = ["$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
+               "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>",
+               "$JS.API.STREAM.LEADER.>", "$JS.API.STREAM.PEER.>", "$JS.API.CONSUMER.DURABLE.>",
+               "$JS.API.CONSUMER.DELETE.>", "$JS.API.CONSUMER.MSG.NEXT.>", "$JS.API.CONSUMER.PAUSE.>",
+               "$JS.API.CONSUMER.UNPIN.>", "$JS.API.CONSUMER.LEADER.>", "$JS.API.ACCOUNT.>", "$JS.API.META.>",
+               "$JS.API.SERVER.>", "$JS.ACK.>", "$JS.SNAPSHOT.>"]
+_NODE_BUT_MODEL_FETCH = ["magi.node.*.*", "magi.node.*.logs.>", "magi.node.*.*.*.>"]
+# Inference also keeps the model catalogue (JetStream KV `magi-catalog`, services/inference/livecatalog.py): it
+# creates the bucket and seeds it on its first start (as the orchestrator creates its streams), and its
+# autoscaler writes replica counts, so `$KV.>` and creating a stream are not denied to it (there is no other
+# KV bucket; `check_output_subject` still refuses any `$` subject a caller names). It releases the placements
+# of replicas it removed (`magi.sched.release`).
+_CATALOGUE_WRITES = ("$KV.>", "$JS.API.STREAM.CREATE.>")
+_INFERENCE_DENY = [*(s for s in _NEVER if s not in ("magi.node.>", *_CATALOGUE_WRITES)), *_NODE_BUT_MODEL_FETCH,
+                   *(s for s in _JS_CHANGES if s not in _CATALOGUE_WRITES), "magi.sched.assignments.>", "magi.sched.drain",
                    "magi.sched.rebalance", "magi.mission.>", "magi.memory.>", "magi.infer.>", "magi.consensus.>"]
 # The orchestrator pings `$SRV.PING` (two tokens) to notice restarts; it still never answers as a service.
 _ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "magi.sched.>", "magi.mission.run",
@@ -47,7 +67,8 @@ _ORCHESTRATOR_DENY = [*(s if s != "$SRV.>" else "$SRV.*.>" for s in _NEVER), "ma
 
 # Subjects only their service (or a node's agent) may answer: no user identity may subscribe to them.
 _SERVED = ["magi.sched.>", "magi.mission.run", "magi.mission.get", "magi.mission.submit", "magi.infer.>", "magi.memory.>",
-           "magi.consensus.>", "magi.gateway.>", "magi.node.*.info", "magi.node.*.logs", "magi.node.*.reconcile"]
+           "magi.consensus.>", "magi.gateway.>", "magi.node.*.info", "magi.node.*.logs", "magi.node.*.reconcile",
+           "magi.node.*.models.fetch"]
 GATEWAY_INBOX = "_INBOX.gateway"
 
 
@@ -86,7 +107,20 @@ def _service(svc: str, subjects: list[str], identity: str) -> list[str]:
 
 def _results_reader() -> list[str]:
     """What reading `magi.mission.result.<id>` from the results stream takes (an ordered consumer)."""
-    s = RESULT_STREAM
+    return _stream_reader(RESULT_STREAM)
+
+
+def _model_reader() -> list[str]:
+    """What nats-py's object store `get()` of a model takes: the bucket's stream info, an object's info (the last
+    message on its meta subject), and an ordered consumer of its chunks with flow control. No `$O.` subject: a
+    reader publishes none, and an object is written there."""
+    return [f"$JS.API.STREAM.INFO.{MODEL_STREAM}", f"$JS.API.STREAM.MSG.GET.{MODEL_STREAM}",
+            f"$JS.API.DIRECT.GET.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.CREATE.{MODEL_STREAM}",
+            f"$JS.API.CONSUMER.CREATE.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.INFO.{MODEL_STREAM}.>",
+            f"$JS.API.CONSUMER.DELETE.{MODEL_STREAM}.>", f"$JS.FC.{MODEL_STREAM}.>"]
+
+
+def _stream_reader(s: str) -> list[str]:
     return ["$JS.API.INFO", "$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{s}", f"$JS.API.CONSUMER.CREATE.{s}",
             f"$JS.API.CONSUMER.CREATE.{s}.>", f"$JS.API.CONSUMER.INFO.{s}.>", f"$JS.API.CONSUMER.DELETE.{s}.>",
             f"$JS.API.DIRECT.GET.{s}.>", f"$JS.API.STREAM.MSG.GET.{s}", f"$JS.FC.{s}.>", f"$JS.ACK.{s}.>"]
@@ -97,11 +131,12 @@ def agent_permissions(node: str) -> Permissions:
         raise ValueError(f"node name {node!r}: use 1-64 letters, digits, '-' or '_'")
     identity = agent_identity(node)
     return Permissions(
-        pub_allow=[f"magi.node.{node}.>", f"magi.sched.assignments.{node}"],
+        pub_allow=[f"magi.node.{node}.>", f"magi.sched.assignments.{node}", *_model_reader()],
         sub_allow=_service("magi-agent", [f"magi.node.{node}.info", f"magi.node.{node}.logs",
-                                          f"magi.node.{node}.reconcile"], identity),
+                                          f"magi.node.{node}.reconcile", f"magi.node.{node}.models.fetch"], identity),
         summary=f"publishes only `magi.node.{node}.>` (heartbeat, logs) and asks `magi.sched.assignments.{node}`; "
-                f"serves `magi.node.{node}.info` and `.logs` (instance log tails), hears its own reconcile nudges")
+                f"serves `magi.node.{node}.info`, `.logs` (instance log tails) and `.models.fetch` (reads the model "
+                f"store, never writes it), hears its own reconcile nudges")
 
 
 def agent_identity(node: str) -> str:
@@ -118,8 +153,11 @@ def _role_table() -> dict[str, Permissions]:
         "inference": Permissions(
             pub_allow=[">"], pub_deny=_INFERENCE_DENY,
             sub_allow=_service("magi-inference", ["magi.infer.>"], "inference"),
-            summary="serves `magi.infer.>`, asks `magi.sched.place` for its replicas, streams to callers' subjects "
-                    "(never `$`, `_MAGI.` or other services' subjects)"),
+            summary="serves `magi.infer.>`, asks `magi.sched.place` for its replicas and `magi.node.*.models.fetch` "
+                    "for their model files, reads the model store (never writes it, never changes a stream), keeps the "
+                    "model catalogue (KV `magi-catalog`: creates and seeds it, watches it, its autoscaler writes it), "
+                    "releases removed replicas' placements, streams to callers' subjects (never `$`, `_MAGI.` or other "
+                    "services' subjects)"),
         "memory": Permissions(
             pub_allow=["magi.infer.embed"],
             sub_allow=_service("magi-memory", ["magi.memory.>"], "memory"),

@@ -1,5 +1,6 @@
 """Heartbeats on `magi.node.<node>.heartbeat`; the latest sample on `magi.node.<node>.info`; the tail of
-its instances' logs on `magi.node.<node>.logs` (their live lines: `magi.node.<node>.logs.<instance>`)."""
+its instances' logs on `magi.node.<node>.logs` (their live lines: `magi.node.<node>.logs.<instance>`); models
+of the bus's model store fetched into the node's cache on `magi.node.<node>.models.fetch` (models.py)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,9 @@ import time
 import msgspec
 
 from protos.common import Empty
-from protos.node import Heartbeat, InstanceLog, LogsReply, LogsRequest
+from protos.node import Heartbeat, InstanceLog, LogsReply, LogsRequest, ModelFetchReply, ModelFetchRequest
 from protos.sched import AssignmentsReply, AssignmentsRequest
+from services.agent.models import NodeModels
 from services.agent.policy import load_policy
 from services.agent.rayjoin import own_specs
 from services.agent.resources import prime_cpu_percent, sample
@@ -86,6 +88,7 @@ class Agent:
         self.contact = time.monotonic()  # the last current assignments reply (starting counts: nothing runs yet)
         self.fenced = False
         self.refusing = ""  # why the last reply was not acted on, logged once until one is
+        self.models = NodeModels(node, settings)
 
     async def _publish(self, subject: str, data: bytes, headers: dict[str, str] | None = None) -> None:
         await self.service.nc.publish(subject, data, headers=headers)
@@ -95,6 +98,7 @@ class Agent:
         hb.instances = self.supervisor.statuses()
         hb.interval_s = self.settings.heartbeat_s
         hb.epoch = self.epoch  # so a new scheduler leader never offers less than we have seen
+        hb.models, hb.model_room_gb = await asyncio.to_thread(self.models.holdings, self.models.keep())
         return hb
 
     async def reconcile(self) -> None:
@@ -214,6 +218,10 @@ class Agent:
         return LogsReply(node=self.node, logs=[InstanceLog(instance_id=i, lines=lines, offset=offset)
                                                for i, (lines, offset) in zip(ids, tails)])
 
+    async def fetch_model(self, req: ModelFetchRequest, ctx: RequestContext) -> ModelFetchReply:
+        """A model of the store in this node's cache, verified: the path a replica placed here loads."""
+        return await self.models.fetch(self.service.nc.jetstream(), req)
+
     async def start(self) -> None:
         if self.local:  # before any scheduler answers, so a node joins Ray even with none up yet
             await self.supervisor.reconcile(self.local, self.epoch)
@@ -239,6 +247,7 @@ async def build(settings: Settings):
     agent = Agent(service, node, settings)
     service.endpoint(f"magi.node.{node}.info", Empty, agent.info)
     service.endpoint(f"magi.node.{node}.logs", LogsRequest, agent.logs)
+    service.endpoint(f"magi.node.{node}.models.fetch", ModelFetchRequest, agent.fetch_model)
     await service.connect()
     await agent.start()  # heartbeats start at once; the runner registers the endpoint right after build
     if settings.agent_lease_s and settings.agent_lease_s < agent.lease_s:

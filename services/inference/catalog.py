@@ -22,6 +22,7 @@ MAX_BATCH = 64  # sequences per replica (llama.cpp: each holds n_ctx cells of th
 VLLM_SLOTS = 64  # a vLLM replica's requests at once unless the catalogue says
 QUEUE_PER_SLOT, QUEUE_MIN = 16, 64  # the default `max_queue`: waiting requests per replica slot, and the least
 MAX_GPUS = 16  # llama.cpp's LLAMA_MAX_DEVICES: the longest tensor_split it takes
+STORE_PREFIX = "store:"  # a source `store:NAME`: the object NAME in the bus's model store (weights.py)
 
 
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
@@ -69,8 +70,13 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # vLLM only: GPUs one replica spreads its model over (tensor parallelism, vLLM's own worker processes on
     # one node); the replica asks Ray for that many and the scheduler for a node that has them.
     tensor_parallel_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_GPUS)] = 1
+    # `sha256:<hex>`: every replica loads exactly these bytes. A `store:` source fetches that digest (refused
+    # when the store holds other bytes under the name); a local .gguf is hashed at start and refused on a
+    # mismatch. Empty: whatever the source holds at start (its digest is still reported).
+    digest: str = ""
 
     def __post_init__(self) -> None:
+        self._check_source()
         if self.max_batch is None:
             self.max_batch = VLLM_SLOTS if self.backend == "vllm" else 1
         if self.tensor_parallel_size > 1 and self.backend != "vllm":
@@ -82,6 +88,23 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
             self._check_batchable()
         if self.n_gpu_layers or self.main_gpu or self.tensor_split:
             self._check_offload()
+
+    def _check_source(self) -> None:
+        if self.source.startswith(STORE_PREFIX) and not self.store_name:
+            raise ValueError(f"model {self.name}: source {self.source!r} names no model (store:NAME)")
+        if self.store_name and self.backend != "llama_cpp":
+            raise ValueError(f"model {self.name}: a store: source is a .gguf for the llama_cpp backend")
+        if self.digest:
+            kind, _, value = self.digest.partition(":")
+            if kind != "sha256" or len(value) != 64 or value.strip("0123456789abcdef"):
+                raise ValueError(f"model {self.name}: digest {self.digest!r} is not sha256:<64 lowercase hex digits>")
+            if self.backend == "vllm":
+                raise ValueError(f"model {self.name}: digest is for .gguf models (a vLLM folder is not hashed)")
+
+    @property
+    def store_name(self) -> str:
+        """The model store's object name of a `store:NAME` source ("" for a local source)."""
+        return self.source.removeprefix(STORE_PREFIX) if self.source.startswith(STORE_PREFIX) else ""
 
     def _check_offload(self) -> None:
         # vLLM places its model on the GPU by itself; a sharded replica's layers go to its RPC shards.
@@ -172,6 +195,9 @@ def load_catalog(path: str) -> Catalog:
 def resolve_source(source: str) -> Path:
     """A .gguf path as is, the first .gguf inside the folder of an installed package, or all-MiniLM-L6-v2
     converted from its wheel (once, into MAGI_MODEL_CACHE)."""
+    if source.startswith(STORE_PREFIX):
+        raise BadRequest(f"source {source!r} is in the bus's model store: a node fetches it (magi models fetch)",
+                         field="source")
     if source == minilm.PACKAGE:
         return minilm.ensure_gguf(Path(os.environ.get("MAGI_MODEL_CACHE", "~/.cache/magi/models")).expanduser())
     if source.endswith(".gguf"):

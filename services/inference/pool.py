@@ -53,6 +53,7 @@ class Replica:
     budget: RestartBudget = field(default_factory=RestartBudget)
     draining: bool = False  # being replaced: finishes what it serves, takes nothing new
     _busy_until: float = 0.0  # a batched replica: when its latest released request ended
+    digest: str = ""  # sha256:<hex> of the file the replica loaded (weights.py)
 
     def overlap(self, busy_s: float) -> float:
         """Of a request that ran `busy_s` until now, the part after the latest earlier release: summed over
@@ -78,6 +79,7 @@ class Replica:
             replica=self.replica_id, node=self.node, state=self.state, in_flight=self.in_flight,
             served=self.served, tokens_per_s=round(rate, 2), pid=self.pid, restarts=self.restarts,
             utilisation=round(min(1.0, self.busy_s / up), 3) if up > 0 else 0.0, shards=list(self.shards),
+            digest=self.digest,
         )
 
 
@@ -88,6 +90,8 @@ class ModelPool:
     source_path: str
     replicas: list[Replica] = field(default_factory=list)
     window: Any = None  # a context.ContextWindow: refuses requests that cannot fit (None: not checked)
+    digest: str = ""  # sha256:<hex> every replica loads: the head's copy, hashed or fetched at start (weights.py)
+    download_bytes: int = 0  # a store model's size: what a node without it downloads (0: a local source)
     queued: int = 0
     # retried: requests finished on another replica after theirs died; migrated: streams continued
     # elsewhere; abandoned: streams stopped because their caller went away.
@@ -163,13 +167,14 @@ class ModelPool:
             name=self.spec.name, backend=self.spec.backend, roles=list(self.spec.roles),
             source=self.source_path, n_ctx=self.spec.n_ctx, threads=self.threads,
             replicas=[r.info() for r in self.replicas], queued=self.queued, max_batch=self.spec.max_batch,
+            digest=self.digest,
         )
 
     def replica_stats(self, replica: Replica) -> dict:
         info = replica.info()
         return {"model": self.spec.name, "replica": info.replica, "node": info.node, "state": info.state,
                 "in_flight": info.in_flight, "served": info.served, "tokens": replica.tokens,
-                "tokens_per_s": info.tokens_per_s, "utilisation": info.utilisation}
+                "tokens_per_s": info.tokens_per_s, "utilisation": info.utilisation, "digest": info.digest}
 
     def stats(self) -> dict:
         ready = [r for r in self.replicas if r.state == "ready"]

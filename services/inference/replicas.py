@@ -6,6 +6,11 @@ its node's resource, so Ray runs it exactly there. Nodes come from `magi.sched.p
 is one instance; a sharded replica is a gang (its shards and its coordinator, all or none) whose
 coordinator goes to the node with the best seed-001 score. With no scheduler answering (the inference
 service alone, as in benchmarks) everything stays on the local node.
+
+A model from the bus's model store (`store:NAME`) is fetched onto the replica's node by that node's agent,
+verified by the digest the head loaded, before the actor is created with the node's own path (weights.py);
+the replica is reported ready only after it has then generated (keeper.py). The scheduler is told the model's
+digest and download size, so it prefers a node that holds it and refuses one without room for it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from nats.aio.client import Client
 
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
 from services.inference.pool import ModelPool, Replica
+from services.inference.weights import ModelFiles
 from shared import bus
 from shared.config import Settings
 from shared.errors import MagiError, Unavailable
@@ -56,7 +62,7 @@ def gang_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
     base, n = instance_id(replica_id), pool.spec.shards
     size = model_gb(pool.source_path)
     coordinator = InstanceSpec(instance_id=base, ram_gb=round(pool.spec.n_ctx * 1e-4 + 0.05, 3),
-                               model_size_gb=round(size, 3), group=base)
+                               model_size_gb=round(size, 3), group=base, **model_fields(pool))
     shards = [InstanceSpec(instance_id=f"{base}-shard{k}", ram_gb=round(size / n * 1.2, 3), group=base)
               for k in range(n)]
     return [coordinator, *shards]
@@ -77,7 +83,15 @@ def replica_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
         return gang_specs(pool, replica_id)
     cells = pool.spec.n_ctx * pool.spec.max_batch  # a batched replica's KV cache holds every slot's window
     return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, cells),
-                         gpu_required=pool.spec.gpus > 0)]  # vLLM, or llama.cpp with n_gpu_layers
+                         gpu_required=pool.spec.gpus > 0,  # vLLM, or llama.cpp with n_gpu_layers
+                         **model_fields(pool))]
+
+
+def model_fields(pool: ModelPool) -> dict:
+    """A store model's digest and download size for the scheduler (a local source downloads nothing)."""
+    if not pool.download_bytes:
+        return {}
+    return dict(model_digest=pool.digest, download_gb=round(pool.download_bytes / 2**30, 6))
 
 
 def actor_options(pool: ModelPool, name: str, node: str) -> dict:
@@ -149,20 +163,29 @@ class ReplicaFactory:
         self.nc = nc
         self._generation: dict[str, int] = {}  # a restarted replica's actor needs a name of its own
         self._scheduler_down = False  # one log line per scheduler outage, not one per question
+        self.files = ModelFiles(settings, nc)
+        self.head_weights = self.files.head  # the router's `weights`: each model's file on this node
+
+    async def model_path(self, pool: ModelPool, node: str) -> str:
+        """The file the replica on `node` loads: a store model fetched there first, exactly the pool's digest."""
+        if not pool.spec.store_name:
+            return pool.source_path
+        return (await self.files.on_node(pool.spec, node, pool.digest)).path
 
     async def __call__(self, pool: ModelPool, index: int) -> Replica:
         replica_id = f"{pool.spec.name}/{index}"
         nodes = await self._place_on_live_nodes(pool, replica_id, replica_specs(pool, replica_id))
         if pool.spec.gpus:
             await asyncio.to_thread(check_gpus, pool, nodes[0])
+        path = await self.model_path(pool, nodes[0])
         shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
         generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
         name = f"replica:{replica_id}" + (f"#{generation}" if generation else "")
         actor = replica_class(pool.spec.backend).options(**actor_options(pool, name, nodes[0])).remote(
-            replica_id, pool.source_path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
+            replica_id, path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
             **replica_kwargs(pool, endpoints))
         return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
-                       placed=nodes)
+                       placed=nodes, digest=pool.digest)
 
     async def _start_shards(self, pool: ModelPool, nodes: list[str]) -> tuple[list, list[str]]:
         if not nodes:

@@ -14,11 +14,12 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from services.inference.catalog import Catalog, resolve_model, threads_for
+from services.inference.catalog import Catalog, threads_for
 from services.inference.context import ContextWindow
 from services.inference.follow import FOLLOW_INTERVAL_S, Follower, Where
 from services.inference.keeper import Keeper, Make, actor_died
 from services.inference.pool import ModelPool, Replica
+from services.inference.weights import HeadWeights, local_head
 from shared.errors import NotFound, Unavailable
 
 log = logging.getLogger("magi.inference.router")
@@ -50,14 +51,16 @@ class Router:
         self.keeper: Keeper | None = None
         self._follower: asyncio.Task | None = None
 
-    async def start(self, make_actor: Make, *, where: Where | None = None) -> None:
+    async def start(self, make_actor: Make, *, where: Where | None = None, weights: HeadWeights = local_head) -> None:
         """Create every replica with `make_actor(pool, index)`, wait until each one has really generated,
-        then check on them every `follow_interval_s` (alive? still placed there? see follow.py)."""
+        then check on them every `follow_interval_s` (alive? still placed there? see follow.py). `weights`
+        gives each model's file on this node (its tokenizer; for a store model fetched first) and its digest."""
         self.keeper = Keeper(make_actor)
         for spec in self.catalog.models:
-            path = str(resolve_model(spec))
-            pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=path)
-            pool.window = await asyncio.to_thread(ContextWindow.open, spec, path)
+            head = await weights(spec)  # a store model is fetched onto this node first (its tokenizer)
+            pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=head.path,
+                             digest=head.digest, download_bytes=head.size if head.store else 0)
+            pool.window = await asyncio.to_thread(ContextWindow.open, spec, head.path)
             pool.replicas = [await make_actor(pool, i) for i in range(spec.replicas)]
             self.pools[spec.name] = pool
         warmed = await asyncio.gather(*(self.keeper.warm(p, r) for p in self.pools.values() for r in p.replicas))

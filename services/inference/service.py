@@ -20,7 +20,7 @@ from services.inference.catalog import load_catalog
 from services.inference.router import Router
 from services.inference.streaming import ChunkSink
 from shared.config import Settings
-from shared.errors import BadRequest, DeadlineExceeded
+from shared.errors import BadRequest, DeadlineExceeded, NotFound
 from shared.service import MagiService, RequestContext
 
 VERSION = "0.2.0"
@@ -47,6 +47,14 @@ def _embedded(out: dict | list) -> tuple[list[list[float]], float]:
     return out, 0.0
 
 
+def _require_digest(pool, digest: str) -> None:
+    """A request that names a digest is served only by a model whose replicas load exactly those bytes. 404, as
+    for an unknown model: what the caller asked for (that model at that digest) is not served here; the caller
+    did nothing wrong in form (400) and nothing here conflicts with a state the caller could change (409)."""
+    if digest and digest != pool.digest:
+        raise NotFound(f"model {pool.spec.name!r} is {pool.digest or 'not hashed'}, not {digest}", field="digest")
+
+
 def _finish(reason: str) -> str:
     # The engine reports an abort; from the caller's side that is a cancellation.
     return "cancelled" if reason == "aborted" else reason
@@ -61,6 +69,7 @@ class InferenceEndpoints:
     async def generate(self, req: GenerateRequest, ctx: RequestContext) -> GenerateReply:
         messages = _messages(req)
         pool = self.router.resolve(req.model, req.role)
+        _require_digest(pool, req.digest)
         if req.request_id and req.request_id in self.router.jobs:
             raise BadRequest(f"request_id {req.request_id!r} is already running", field="request_id")
         request_id = req.request_id or uuid.uuid4().hex
@@ -98,6 +107,7 @@ class InferenceEndpoints:
 
     async def embed(self, req: EmbedRequest, ctx: RequestContext) -> EmbedReply:
         pool = self.router.resolve(req.model, None, embedding=True)
+        _require_digest(pool, req.digest)
         tokens = await self.router.check_embed_fits(pool, req.texts)
         try:
             async with asyncio.timeout(self.settings.request_timeout_s):
@@ -124,7 +134,7 @@ async def build(settings: Settings):
     router = Router(catalog)
     try:
         factory = ReplicaFactory(settings, nc)
-        await router.start(factory, where=factory.placements)
+        await router.start(factory, where=factory.placements, weights=factory.head_weights)
     except BaseException:
         stop_ray()
         await nc.close()

@@ -30,6 +30,10 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     max_instances: Annotated[int, msgspec.Meta(ge=0)] = 4
     reserved_ram_gb: Gb = 0.0
     labels: dict[str, str] = {}
+    # The node's model cache, from its heartbeat: the digests it holds, and the GB a model it lacks may take
+    # (None: not reported, nothing is refused for disk).
+    models: list[str] = []
+    model_room_gb: Gb | None = None
     # Seed 002's SSH runner fields: accepted so its cluster files load as written, but unused, since the
     # node's agent starts instances itself (`unused_ssh_fields` lets tools say so).
     ssh_user: str | None = None

@@ -49,7 +49,8 @@ def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
     return NodeConfig(name=hb.node, host=hb.host or "127.0.0.1", ram_gb=max(hb.ram_total_gb, 0.001),
                       gpu=bool(hb.gpus), gpu_memory_gb=sum(g.memory_total_gb for g in hb.gpus),
                       cpu_cores=max(hb.cpu_count, 1), max_instances=max_instances(hb),
-                      reserved_ram_gb=min(reserved, max(hb.ram_total_gb - 0.001, 0.0)))
+                      reserved_ram_gb=min(reserved, max(hb.ram_total_gb - 0.001, 0.0)),
+                      models=list(hb.models), model_room_gb=hb.model_room_gb)
 
 
 class SchedulerCore:
@@ -117,6 +118,9 @@ class SchedulerCore:
         nodes = dict(self.configured)
         for st in states:
             nodes.setdefault(st.name, node_from_heartbeat(st.heartbeat))
+            hb = st.heartbeat  # a configured node's model cache is still what its agent reports
+            nodes[st.name] = msgspec.structs.replace(nodes[st.name], models=list(hb.models),
+                                                     model_room_gb=hb.model_room_gb)
         status = {st.name: st.status for st in states}
         unavailable = {name for name in nodes if status.get(name, "UNAVAILABLE") not in PLACEABLE}
         return list(nodes.values()), unavailable, states

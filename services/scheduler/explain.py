@@ -17,9 +17,9 @@ from protos.sched import InstanceSpec
 from services.scheduler.placement import Placer
 
 # In the order `Placer.why_not` checks them.
-CONSTRAINTS = ("healthy", "max_instances", "gpu", "ram", "gpu_memory", "anti_affinity")
+CONSTRAINTS = ("healthy", "max_instances", "gpu", "ram", "gpu_memory", "model_disk", "anti_affinity")
 # On a tie, what is full (capacity taken by what is placed) binds before what a node simply lacks.
-TIE_ORDER = ("ram", "gpu_memory", "max_instances", "anti_affinity", "gpu", "healthy")
+TIE_ORDER = ("ram", "gpu_memory", "model_disk", "max_instances", "anti_affinity", "gpu", "healthy")
 
 
 @dataclass
@@ -79,6 +79,7 @@ def _broken(placer: Placer, spec: InstanceSpec) -> dict[str, np.ndarray]:
         "ram": placer.usable - placer.ram_alloc < spec.ram_gb - 1e-9,
         "gpu_memory": (spec.gpu_memory_gb > 0) & (~placer.gpu | (placer.gpu_total - placer.gpu_alloc
                                                                   < spec.gpu_memory_gb - 1e-9)),
+        "model_disk": placer.no_room(spec),
         "anti_affinity": anti,
     }
 
@@ -95,5 +96,7 @@ def _words(placer: Placer, spec: InstanceSpec, n: int, constraint: str) -> str:
     if constraint == "gpu_memory":
         free = placer.gpu_total[n] - placer.gpu_alloc[n] if placer.gpu[n] else 0.0
         return f"{free:.1f} GB GPU memory free, needs {spec.gpu_memory_gb:g}"
+    if constraint == "model_disk":
+        return f"room for {placer.model_room[n]:.1f} GB of models, the model to download is {spec.download_gb:g}"
     peers = sorted(o for o in placer.anti.get(spec.instance_id, ()) if placer.where.get(o) == n)
     return f"holds {', '.join(peers)} (anti-affinity)"

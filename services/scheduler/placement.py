@@ -2,8 +2,8 @@
 
 Hard constraints (a placement that breaks one never happens): the node is healthy and below
 max_instances; RAM after reserved_ram_gb and what is already allocated; GPU required but none; GPU
-memory; anti-affinity (symmetric). Among the nodes left, a 0-100 score with the seed's weights picks
-one; model-serving coordinators use seed 001's score instead (free RAM + GPU memory + 5 GB GPU bonus
+memory; room for a model the node's cache lacks (download_gb); anti-affinity (symmetric). Among the nodes
+left, a 0-100 score with the seed's weights picks one (a node holding the model wins a tie); model-serving coordinators use seed 001's score instead (free RAM + GPU memory + 5 GB GPU bonus
 - model size). Scores are computed for all nodes at once with numpy, so one placement costs tens of
 microseconds at a thousand nodes.
 """
@@ -18,6 +18,10 @@ from protos.sched import InstanceSpec
 from services.scheduler.cluster import NodeConfig, ScoreWeights
 
 GPU_BONUS_GB = 5.0  # seed 001: "GPU nodes get 5GB bonus"
+# A node that already holds a replica's model (its digest in the node's cache) wins a tie: a point of the seed's
+# 0-100 score, a megabyte of seed 001's. Small on purpose: it decides between nodes otherwise equal, it does not
+# outweigh RAM, load or a preferred node.
+HOLDS_MODEL_BONUS = 1.0
 EFFICIENT_BAND = (0.30, 0.70)  # seed 002: 30-70 % RAM use after placing is preferred
 
 
@@ -55,6 +59,8 @@ class Placer:
         self.gpu_total = np.array([n.gpu_memory_gb for n in nodes], dtype=float)
         self.max_instances = np.array([n.max_instances for n in nodes], dtype=np.int64)
         self.healthy = np.array([n.name not in unavailable for n in nodes], dtype=bool)
+        self.models = [frozenset(n.models) for n in nodes]
+        self.model_room = np.array([np.inf if n.model_room_gb is None else n.model_room_gb for n in nodes], dtype=float)
         self.ram_alloc = np.zeros(len(nodes))
         self.gpu_alloc = np.zeros(len(nodes))
         self.count = np.zeros(len(nodes), dtype=np.int64)
@@ -94,17 +100,30 @@ class Placer:
             mask &= self.gpu
         if spec.gpu_memory_gb > 0:
             mask &= self.gpu & (self.gpu_total - self.gpu_alloc >= spec.gpu_memory_gb - 1e-9)
+        mask &= ~self.no_room(spec)
         for other in self.anti.get(spec.instance_id, ()):
             node = self.where.get(other)
             if node is not None:
                 mask[node] = False
         return mask
 
+    def holds(self, spec: InstanceSpec) -> np.ndarray:
+        """Nodes whose model cache holds the instance's model already."""
+        return np.array([bool(spec.model_digest) and spec.model_digest in held for held in self.models], dtype=bool)
+
+    def no_room(self, spec: InstanceSpec) -> np.ndarray:
+        """Nodes that lack the instance's model and cannot take its download (each download of a batch is
+        checked against the node's room alone: replicas of one model share a file)."""
+        if spec.download_gb <= 0:
+            return np.zeros(len(self.names), dtype=bool)
+        return ~self.holds(spec) & (self.model_room < spec.download_gb - 1e-9)
+
     def scores(self, spec: InstanceSpec) -> np.ndarray:
         if spec.model_size_gb > 0:
             free = self.usable - self.ram_alloc
             gpu_free = np.where(self.gpu, self.gpu_total - self.gpu_alloc, 0.0)
-            return (free + gpu_free + np.where(self.gpu, GPU_BONUS_GB, 0.0) - spec.model_size_gb) * 1000.0
+            return ((free + gpu_free + np.where(self.gpu, GPU_BONUS_GB, 0.0) - spec.model_size_gb) * 1000.0
+                    + HOLDS_MODEL_BONUS * self.holds(spec))
         w = self.weights
         low, high = EFFICIENT_BAND
         util = (self.ram_alloc + spec.ram_gb) / self.total
@@ -125,7 +144,7 @@ class Placer:
         preferred = self.index.get(spec.preferred_node)
         if preferred is not None:
             score[preferred] += w.preferred_node
-        return score
+        return score + HOLDS_MODEL_BONUS * self.holds(spec)
 
     def choose(self, spec: InstanceSpec) -> int | None:
         mask = self.feasible(spec)
@@ -151,6 +170,7 @@ class Placer:
             ~self.gpu if spec.gpu_required else np.zeros(len(self.names), dtype=bool),
             self.usable - self.ram_alloc < spec.ram_gb - 1e-9,
             (spec.gpu_memory_gb > 0) & (~self.gpu | (self.gpu_total - self.gpu_alloc < spec.gpu_memory_gb - 1e-9)),
+            self.no_room(spec),
         ]
         first = np.full(len(self.names), len(checks), dtype=np.int64)
         for code in reversed(range(len(checks))):
@@ -170,4 +190,6 @@ class Placer:
         if code == 4:
             free = self.gpu_total[i] - self.gpu_alloc[i] if self.gpu[i] else 0.0
             return f"{name} has {free:.1f} GB GPU memory free, needs {spec.gpu_memory_gb:g}"
+        if code == 5:
+            return f"{name} has room for {self.model_room[i]:.1f} GB of models, the model to download is {spec.download_gb:g}"
         return f"{name} holds an anti-affine instance"
