@@ -24,6 +24,7 @@ import logging
 import os
 import re
 import shutil
+import threading
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, replace
@@ -121,13 +122,59 @@ def pull(repo_id: str, filename: str, *, revision: str = "main", endpoint: str |
 async def pulled(repo_id: str, filename: str, *, revision: str = "main", endpoint: str | None = None,
                  token: str | bool | None = None, home: Path) -> AsyncIterator[Pulled]:
     """The pulled file, in a scratch directory under `home/pulls/` that is removed on leaving, whatever
-    happened. The blocking work runs on a thread."""
-    scratch = home / "pulls" / uuid.uuid4().hex
+    happened (and, if this process dies first, by the next pull on the node)."""
+    pulls = home / "pulls"
+    await asyncio.to_thread(_sweep_abandoned, pulls)
+    scratch = pulls / f"{os.getpid()}-{uuid.uuid4().hex}"
     try:
-        yield await asyncio.to_thread(pull, repo_id, filename, revision=revision, endpoint=endpoint, token=token,
+        yield await _on_daemon_thread(pull, repo_id, filename, revision=revision, endpoint=endpoint, token=token,
                                       into=scratch)
     finally:
         await asyncio.to_thread(shutil.rmtree, scratch, True)
+
+
+async def _on_daemon_thread(fn, /, *args, **kwargs):
+    """`fn(*args, **kwargs)` on a daemon thread. Not asyncio.to_thread: its executor is joined when the loop
+    shuts down, so a Ctrl-C would wait for a multi-GB download to finish before `magi` exits."""
+    loop = asyncio.get_running_loop()
+    done = loop.create_future()
+
+    def settle(result, error) -> None:
+        if done.done():  # the awaiting coroutine was cancelled
+            return
+        if error is not None:
+            done.set_exception(error)
+        else:
+            done.set_result(result)
+
+    def work() -> None:
+        try:
+            result, error = fn(*args, **kwargs), None
+        except BaseException as exc:  # handed to the awaiting coroutine, which raises it
+            result, error = None, exc
+        with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits for this any more
+            loop.call_soon_threadsafe(settle, result, error)
+
+    threading.Thread(target=work, name="magi-models-pull", daemon=True).start()
+    return await done
+
+
+def _sweep_abandoned(pulls: Path) -> None:
+    """Remove the scratch directories of pulls whose process is gone (killed, or interrupted mid-download)."""
+    for scratch in pulls.glob("*-*"):
+        pid = scratch.name.partition("-")[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            shutil.rmtree(scratch, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 Store = Callable[[str, Path, str], Awaitable[StoredModel]]

@@ -31,16 +31,19 @@ class Repo:
 class LocalHub:
     repos: dict[str, Repo]
     corrupt: bool = False  # the CDN flips the first byte of every file it serves (same length)
+    stall: bool = False  # the CDN sends the first chunk, then nothing until the hub is closed
     requests: list[tuple[str, str, str]] = field(default_factory=list)  # (origin, method, path)
     url: str = ""
     cdn_url: str = ""
 
     def __enter__(self) -> LocalHub:
+        self._closing = threading.Event()
         self._servers = [_serve(self, self._hub), _serve(self, self._cdn)]
         self.url, self.cdn_url = (f"http://127.0.0.1:{s.server_address[1]}" for s in self._servers)
         return self
 
     def __exit__(self, *exc) -> None:
+        self._closing.set()
         for server in self._servers:
             server.shutdown()
             server.server_close()
@@ -75,7 +78,7 @@ class LocalHub:
         handler.send_header("ETag", f'"{sha}"')
         handler.end_headers()
         if body:
-            _copy(path, handler.wfile, self.corrupt)
+            _copy(path, handler.wfile, self.corrupt, self._closing if self.stall else None)
 
 
 _SHA_CACHE: dict[Path, str] = {}
@@ -91,14 +94,18 @@ def sha256_of(path: Path) -> str:
     return _SHA_CACHE[path]
 
 
-def _copy(path: Path, out, corrupt: bool) -> None:
+def _copy(path: Path, out, corrupt: bool, stall_until: threading.Event | None) -> None:
     with open(path, "rb") as f:
         first = True
         while chunk := f.read(CHUNK):
             if first and corrupt:
                 chunk = bytes([chunk[0] ^ 0xFF]) + chunk[1:]
-            first = False
             out.write(chunk)
+            if first and stall_until is not None:
+                out.flush()
+                stall_until.wait()
+                return
+            first = False
 
 
 def _reply(handler: BaseHTTPRequestHandler, status: int, headers: dict[str, str]) -> None:

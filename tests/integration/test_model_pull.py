@@ -8,8 +8,10 @@ import asyncio
 import hashlib
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -154,9 +156,53 @@ async def test_a_corrupted_download_never_replaces_the_stored_model(nc, servers,
     assert not any((tmp_path / "home" / "pulls").iterdir())
 
 
+def _cli_env(servers, tmp_path: Path) -> dict[str, str]:
+    return {**os.environ, **{k: v for k, v in HUB_ENV.items() if v}, "HF_HOME": str(tmp_path / "hf-home"),
+            "MAGI_HOME": str(servers.home), "MAGI_NATS_URL": servers.nats_url}
+
+
+def _cli_pull_stalled_mid_file(servers, hub, tmp_path) -> subprocess.Popen:
+    """`magi models pull` in its own process, once the hub's CDN has sent it the first MiB and stalled."""
+    hub.stall = True
+    proc = subprocess.Popen([sys.executable, "-m", "magi.cli", "models", "pull", "smol-stalled", SMOL, GGUF,
+                             "--endpoint", hub.url], env=_cli_env(servers, tmp_path), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (("cdn", "GET") in [r[:2] for r in hub.requests] and _scratch_of(servers, proc.pid)):
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(f"the pull never reached the download: {proc.communicate()[1]}")
+        time.sleep(0.05)
+    return proc
+
+
+def _scratch_of(servers, pid: int) -> list[Path]:
+    return list((Path(servers.home) / "pulls").glob(f"{pid}-*"))
+
+
+def test_an_interrupted_cli_pull_stops_at_once_and_leaves_nothing(servers, hub, tmp_path):
+    proc = _cli_pull_stalled_mid_file(servers, hub, tmp_path)
+    try:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=15) == 130  # not after the download (it would never end: the CDN stalls)
+    finally:
+        proc.kill()
+    assert not _scratch_of(servers, proc.pid)
+
+
+async def test_the_next_pull_clears_what_a_killed_pull_left(nc, servers, hub, tmp_path):
+    proc = _cli_pull_stalled_mid_file(servers, hub, tmp_path)
+    proc.kill()
+    proc.wait(timeout=15)
+    assert _scratch_of(servers, proc.pid)  # SIGKILL: nothing could clean up
+    hub.stall = False
+    settings = _settings(servers, Path(servers.home))
+    await cli_models.run(nc, settings, "pull", ["smol-after", SMOL, GGUF], endpoint=hub.url)
+    assert not _scratch_of(servers, proc.pid)
+
+
 def test_the_cli_pulls_lists_and_reports_a_missing_file_by_its_field(servers, hub, tmp_path):
-    env = {**os.environ, **{k: v for k, v in HUB_ENV.items() if v}, "HF_HOME": str(tmp_path / "hf-home"),
-           "MAGI_HOME": str(servers.home), "MAGI_NATS_URL": servers.nats_url}
+    env = _cli_env(servers, tmp_path)
 
     def magi(*args: str, **extra_env: str) -> subprocess.CompletedProcess:
         return subprocess.run([sys.executable, "-m", "magi.cli", "models", *args], env={**env, **extra_env},
