@@ -25,6 +25,8 @@ class Repo:
     files: dict[str, Path]
     commit: str
     token: str = ""  # a private repo: only this bearer token may read it
+    gated: bool = False  # the hub refuses it until its terms are accepted
+    status: int = 0  # the hub answers every request for it with this status (a hub in trouble: 503)
 
 
 @dataclass
@@ -57,6 +59,10 @@ class LocalHub:
             return _reply(handler, 404 if repo is None else 401, {"X-Error-Code": "RepoNotFound"})
         if repo.token and auth != f"Bearer {repo.token}":
             return _reply(handler, 401, {"X-Error-Message": "Invalid credentials in Authorization header"})
+        if repo.gated:
+            return _reply(handler, 403, {"X-Error-Code": "GatedRepo"})
+        if repo.status:
+            return _reply(handler, repo.status, {})
         if unquote(revision) not in ("main", repo.commit):
             return _reply(handler, 404, {"X-Error-Code": "RevisionNotFound"})
         path = repo.files.get(unquote(filename))
@@ -131,5 +137,6 @@ def _serve(hub: LocalHub, route) -> ThreadingHTTPServer:
 
     server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     server.daemon_threads = True
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    # A short poll: `shutdown` waits up to one poll interval, at every test's end.
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     return server

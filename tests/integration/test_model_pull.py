@@ -69,7 +69,9 @@ def hub(smollm2, tmp_path):
     small = tmp_path / "small.gguf"
     small.write_bytes(os.urandom(2**16))
     repos = {SMOL: Repo({GGUF: smollm2}, commit=COMMIT),
-             "someone/private": Repo({"small.gguf": small}, commit="f" * 40, token="hf_right")}
+             "someone/private": Repo({"small.gguf": small}, commit="f" * 40, token="hf_right"),
+             "someone/gated": Repo({"small.gguf": small}, commit="e" * 40, gated=True),
+             "someone/troubled": Repo({"small.gguf": small}, commit="d" * 40, status=503)}
     with LocalHub(repos) as served:
         yield served
 
@@ -113,12 +115,14 @@ async def test_a_pull_does_what_an_add_of_the_same_file_does(nc, servers, hub, t
     (SMOL, "v0.0-missing", GGUF, "revision", NotFound),
     (SMOL, "main", "missing.gguf", "file", NotFound),
     ("not//a repo", "main", GGUF, "repo", BadRequest),
+    ("someone/gated", "main", "small.gguf", "repo", Forbidden),
+    ("someone/troubled", "main", "small.gguf", "endpoint", Unavailable),
 ])
-def test_what_the_hub_lacks_is_named_by_its_field(hub, tmp_path, repo, revision, filename, field, error):
+def test_what_the_hub_refuses_is_named_by_its_field(hub, tmp_path, repo, revision, filename, field, error):
     with pytest.raises(error) as refused:
         modelpull.pull(repo, filename, revision=revision, endpoint=hub.url, token=False, into=tmp_path / "pull")
     assert refused.value.field == field
-    assert {"repo": repo, "revision": revision, "file": filename}[field] in refused.value.message
+    assert {"repo": repo, "revision": revision, "file": filename, "endpoint": hub.url}[field] in refused.value.message
     assert not (tmp_path / "pull").exists()  # refused before anything was written
 
 
