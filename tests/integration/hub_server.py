@@ -23,7 +23,7 @@ CHUNK = 1 << 20
 @dataclass
 class Repo:
     files: dict[str, Path]
-    commit: str
+    commit: str  # "": answered without X-Repo-Commit, as a plain file server would
     token: str = ""  # a private repo: only this bearer token may read it
     gated: bool = False  # the hub refuses it until its terms are accepted
     status: int = 0  # the hub answers every request for it with this status (a hub in trouble: 503)
@@ -69,9 +69,10 @@ class LocalHub:
         if path is None:
             return _reply(handler, 404, {"X-Error-Code": "EntryNotFound", "X-Repo-Commit": repo.commit})
         sha = sha256_of(path)
-        _reply(handler, 302, {"Location": f"{self.cdn_url}/blobs/{sha}", "X-Repo-Commit": repo.commit,
-                              "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(path.stat().st_size),
-                              "ETag": f'"{hashlib.sha1(sha.encode()).hexdigest()}"'})
+        headers = {"Location": f"{self.cdn_url}/blobs/{sha}", "X-Repo-Commit": repo.commit,
+                   "X-Linked-Etag": f'"{sha}"', "X-Linked-Size": str(path.stat().st_size),
+                   "ETag": f'"{hashlib.sha1(sha.encode()).hexdigest()}"'}
+        _reply(handler, 302, {k: v for k, v in headers.items() if v})  # commit "": a file server, not a hub
 
     def _cdn(self, handler: BaseHTTPRequestHandler, body: bool) -> None:
         sha = handler.path.removeprefix("/blobs/")

@@ -71,7 +71,8 @@ def hub(smollm2, tmp_path):
     repos = {SMOL: Repo({GGUF: smollm2}, commit=COMMIT),
              "someone/private": Repo({"small.gguf": small}, commit="f" * 40, token="hf_right"),
              "someone/gated": Repo({"small.gguf": small}, commit="e" * 40, gated=True),
-             "someone/troubled": Repo({"small.gguf": small}, commit="d" * 40, status=503)}
+             "someone/troubled": Repo({"small.gguf": small}, commit="d" * 40, status=503),
+             "plain/files": Repo({"small.gguf": small}, commit="")}
     with LocalHub(repos) as served:
         yield served
 
@@ -117,6 +118,7 @@ async def test_a_pull_does_what_an_add_of_the_same_file_does(nc, servers, hub, t
     ("not//a repo", "main", GGUF, "repo", BadRequest),
     ("someone/gated", "main", "small.gguf", "repo", Forbidden),
     ("someone/troubled", "main", "small.gguf", "endpoint", Unavailable),
+    ("plain/files", "main", "small.gguf", "endpoint", BadRequest),  # no commit named: not a hub
 ])
 def test_what_the_hub_refuses_is_named_by_its_field(hub, tmp_path, repo, revision, filename, field, error):
     with pytest.raises(error) as refused:
