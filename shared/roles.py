@@ -112,9 +112,10 @@ def _results_reader() -> list[str]:
 
 def _model_reader() -> list[str]:
     """What nats-py's object store `get()` of a model takes: the bucket's stream info, an object's info (the last
-    message on its meta subject), and an ordered consumer of its chunks with flow control. No `$O.` subject: a
-    reader publishes none, and an object is written there."""
-    return [f"$JS.API.STREAM.INFO.{MODEL_STREAM}", f"$JS.API.STREAM.MSG.GET.{MODEL_STREAM}",
+    message on its meta subject), and an ordered consumer of its chunks with flow control (subscribing looks the
+    stream up by subject: STREAM.NAMES, names only). No `$O.` subject: a reader publishes none, and an object is
+    written there."""
+    return ["$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{MODEL_STREAM}", f"$JS.API.STREAM.MSG.GET.{MODEL_STREAM}",
             f"$JS.API.DIRECT.GET.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.CREATE.{MODEL_STREAM}",
             f"$JS.API.CONSUMER.CREATE.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.INFO.{MODEL_STREAM}.>",
             f"$JS.API.CONSUMER.DELETE.{MODEL_STREAM}.>", f"$JS.FC.{MODEL_STREAM}.>"]

@@ -25,6 +25,22 @@ MAX_GPUS = 16  # llama.cpp's LLAMA_MAX_DEVICES: the longest tensor_split it take
 STORE_PREFIX = "store:"  # a source `store:NAME`: the object NAME in the bus's model store (weights.py)
 
 
+class Autoscale(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
+    """The inference service's autoscaler (autoscale.py) sets the model's `replicas` between these bounds: one
+    more when the requests waiting per ready slot exceed `target_queue_per_slot`, one fewer when nothing waits
+    and the requests in flight would fit the other replicas' slots half full; at most one change per
+    `cooldown_s`."""
+
+    min_replicas: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
+    max_replicas: Annotated[int, msgspec.Meta(ge=1, le=64)] = 4
+    target_queue_per_slot: Annotated[float, msgspec.Meta(gt=0)] = 1.0
+    cooldown_s: Annotated[float, msgspec.Meta(ge=0)] = 30.0
+
+    def __post_init__(self) -> None:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError(f"autoscale: min_replicas {self.min_replicas} is above max_replicas {self.max_replicas}")
+
+
 class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     name: Annotated[str, msgspec.Meta(pattern=r"^[A-Za-z0-9_.:-]+$")]
     backend: Literal["llama_cpp", "vllm"] = "llama_cpp"
@@ -74,6 +90,8 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # when the store holds other bytes under the name); a local .gguf is hashed at start and refused on a
     # mismatch. Empty: whatever the source holds at start (its digest is still reported).
     digest: str = ""
+    # Off (None) unless set: the autoscaler keeps `replicas` within these bounds by queue depth (Autoscale).
+    autoscale: Autoscale | None = None
 
     def __post_init__(self) -> None:
         self._check_source()

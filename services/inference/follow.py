@@ -32,7 +32,7 @@ Where = Callable[[list[tuple[ModelPool, Replica]]], Awaitable[dict[str, list[str
 class Follower:
     def __init__(self, pools: Iterable[ModelPool], keeper: Keeper, where: Where | None, *,
                  interval_s: float = FOLLOW_INTERVAL_S) -> None:
-        self.pools = list(pools)
+        self.pools = pools  # a live view (the router's dict values): models come and go at run time
         self.keeper = keeper
         self.where = where
         self.interval_s = interval_s

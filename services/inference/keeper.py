@@ -79,6 +79,32 @@ class Keeper:
             if actor is not None:
                 self.kill(actor)
 
+    # ---- replicas added and removed at run time ----------------------------------------------------
+
+    async def start(self, pool: ModelPool, replica: Replica) -> bool:
+        """A replica added while the service runs (scaled up, a new model, a rolling replacement): an actor
+        wherever the scheduler places it now, warmed. True once ready; one that fails is retried in the
+        background on its restart budget, as a restart would be."""
+        if await self._restart(pool, replica):
+            return True
+        if replica.state != "draining":  # not being removed meanwhile
+            replica.state = "restarting"
+            self._run(replica, self._recover(pool, replica, failed=True))
+        return False
+
+    async def forget(self, replica: Replica) -> None:
+        """Stop whatever restart or move runs for a replica being removed, and wait until it has wound down
+        (a cancelled move clears the replica's `draining` flag on its way out)."""
+        task = self._tasks.pop(replica.replica_id, None)
+        if task is not None and task is not asyncio.current_task():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+    async def _make(self, pool: ModelPool, index: int) -> Replica:
+        fresh = await self.make(pool, index)
+        fresh.revision = pool.revision  # built from the pool's settings as they are now
+        return fresh
+
     # ---- failures ----------------------------------------------------------------------------------
 
     def busy(self, replica: Replica) -> bool:
@@ -121,11 +147,11 @@ class Keeper:
         self.retire(replica)
         replica.state, replica.pid = "restarting", 0
         try:
-            fresh = await self.make(pool, replica.index)
+            fresh = await self._make(pool, replica.index)
         except Exception as exc:
             log.warning("replica could not be started", extra={"replica": replica.replica_id, "error": _error(exc)})
             return False
-        if fresh.node != replica.node:
+        if replica.node and fresh.node != replica.node:
             log.info("replica follows its node", extra={"replica": replica.replica_id, "from": replica.node,
                                                         "to": fresh.node})
         _adopt(replica, fresh)
@@ -153,7 +179,7 @@ class Keeper:
         one is idle, and the old actor is retired. A failed move leaves the old one serving."""
         fresh: Replica | None = None
         try:
-            fresh = await self.make(pool, replica.index)
+            fresh = await self._make(pool, replica.index)
             if not await self.warm(pool, fresh):
                 replica.budget.spend()  # a failed start all the same: the follower backs off
                 return
@@ -202,4 +228,5 @@ class Keeper:
 
 def _adopt(replica: Replica, fresh: Replica) -> None:
     replica.actor, replica.shards, replica.shard_actors = fresh.actor, fresh.shards, fresh.shard_actors
+    replica.revision = fresh.revision
     replica.placed, replica.node, replica.pid, replica.state = fresh.placed, fresh.node, fresh.pid, fresh.state

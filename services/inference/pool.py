@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from protos.infer import ModelInfo, ReplicaInfo
@@ -31,6 +31,8 @@ log = logging.getLogger("magi.inference.pool")
 LIVE_STATES = ("starting", "ready", "restarting")
 # The retry hint's limits: never "now" (the queue was full a moment ago), never so long a caller gives up.
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 0.1, 30.0
+# A pool's state while it serves, as opposed to the settings a reload replaces (ModelPool.take_settings).
+RUNTIME_FIELDS = frozenset({"replicas", "queued", "counters", "refused", "service_s", "revision", "_changed"})
 SERVICE_TIME_WEIGHT = 0.2  # of each finished request in the moving average of the time a request holds a slot
 
 
@@ -51,7 +53,8 @@ class Replica:
     ready_since: float = 0.0
     placed: list[str] = field(default_factory=list)  # nodes as placed: the replica's, then its shards'
     budget: RestartBudget = field(default_factory=RestartBudget)
-    draining: bool = False  # being replaced: finishes what it serves, takes nothing new
+    draining: bool = False  # being replaced or removed: finishes what it serves, takes nothing new
+    revision: int = 0  # the pool's `revision` whose settings built this replica's actor
     _busy_until: float = 0.0  # a batched replica: when its latest released request ended
     digest: str = ""  # sha256:<hex> of the file the replica loaded (weights.py)
 
@@ -98,6 +101,9 @@ class ModelPool:
     counters: dict[str, int] = field(default_factory=lambda: {"retried": 0, "migrated": 0, "abandoned": 0})
     refused: int = 0  # requests turned away because `queue_bound` were already waiting (router.queue_stats)
     service_s: float = 0.0  # moving average of the time a request held its slot (0: none finished yet)
+    # Counts changes of the settings a replica is built from (reconcile.py): a replica of an older revision is
+    # replaced, one at a time.
+    revision: int = 0
     _changed: asyncio.Condition | None = None
 
     @property
@@ -106,6 +112,35 @@ class ModelPool:
         if self._changed is None:
             self._changed = asyncio.Condition()
         return self._changed
+
+    def take_settings(self, other: ModelPool) -> None:
+        """Adopt another pool's settings (spec, weights, threads, window, ...) and count a new revision; the
+        replicas, queue and counters stay (a reload replaces replicas one at a time, reconcile.py)."""
+        for f in fields(self):
+            if f.name not in RUNTIME_FIELDS:
+                setattr(self, f.name, getattr(other, f.name))
+        self.revision += 1
+
+    def next_index(self) -> int:
+        """The lowest replica index not in use, so a pool scaled down and up again keeps ids 0..n-1."""
+        used = {r.index for r in self.replicas}
+        return next(i for i in range(len(used) + 1) if i not in used)
+
+    async def drained(self, replica: Replica | None = None, *, timeout_s: float) -> bool:
+        """Wait until `replica` (None: the whole pool, its queue included) has nothing in flight; False when
+        `timeout_s` passed first. The caller has stopped new work reaching it (draining, or the pool removed)."""
+        def idle() -> bool:
+            if replica is not None:
+                return replica.in_flight == 0
+            return self.queued == 0 and all(r.in_flight == 0 for r in self.replicas)
+
+        try:
+            async with asyncio.timeout(timeout_s):
+                async with self.changed:
+                    await self.changed.wait_for(idle)
+            return True
+        except TimeoutError:
+            return False
 
     def _free(self) -> Replica | None:
         slots = self.spec.max_batch

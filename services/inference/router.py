@@ -14,7 +14,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
 
-from services.inference.catalog import Catalog, threads_for
+from services.inference.catalog import Catalog, ModelSpec, threads_for
 from services.inference.context import ContextWindow
 from services.inference.follow import FOLLOW_INTERVAL_S, Follower, Where
 from services.inference.keeper import Keeper, Make, actor_died
@@ -26,6 +26,7 @@ log = logging.getLogger("magi.inference.router")
 
 ATTEMPTS = 2  # the first replica, then one retry elsewhere
 Emit = Callable[[str, Replica], Awaitable[None]]
+Release = Callable[[ModelPool, list[Replica]], Awaitable[None]]  # frees removed replicas' placements
 
 
 class CallerGone(Exception):
@@ -49,18 +50,20 @@ class Router:
         self.jobs: dict[str, _Job] = {}
         self.cancelled = 0
         self.keeper: Keeper | None = None
+        self.release: Release | None = None
+        self.weights: HeadWeights = local_head  # a model's file on this node and its digest (weights.py)
         self._follower: asyncio.Task | None = None
 
-    async def start(self, make_actor: Make, *, where: Where | None = None, weights: HeadWeights = local_head) -> None:
+    async def start(self, make_actor: Make, *, where: Where | None = None, release: Release | None = None,
+                    weights: HeadWeights | None = None) -> None:
         """Create every replica with `make_actor(pool, index)`, wait until each one has really generated,
-        then check on them every `follow_interval_s` (alive? still placed there? see follow.py). `weights`
-        gives each model's file on this node (its tokenizer; for a store model fetched first) and its digest."""
+        then check on them every `follow_interval_s` (alive? still placed there? see follow.py). `release`
+        tells the scheduler a removed replica's placement is free again."""
         self.keeper = Keeper(make_actor)
+        self.release = release
+        self.weights = weights or self.weights
         for spec in self.catalog.models:
-            head = await weights(spec)  # a store model is fetched onto this node first (its tokenizer)
-            pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=head.path,
-                             digest=head.digest, download_bytes=head.size if head.store else 0)
-            pool.window = await asyncio.to_thread(ContextWindow.open, spec, head.path)
+            pool = await self.open_pool(spec)
             pool.replicas = [await make_actor(pool, i) for i in range(spec.replicas)]
             self.pools[spec.name] = pool
         warmed = await asyncio.gather(*(self.keeper.warm(p, r) for p in self.pools.values() for r in p.replicas))
@@ -71,8 +74,94 @@ class Router:
             self.keeper.retire(replica)
         if failed:
             raise Unavailable(f"replicas failed to start: {', '.join(r.replica_id for r in failed)}")
+        # A live view: pools added or removed at run time are followed from the next round on.
         follower = Follower(self.pools.values(), self.keeper, where, interval_s=self.follow_interval_s)
         self._follower = asyncio.create_task(follower.run(), name="replica-follower")
+
+    async def open_pool(self, spec: ModelSpec) -> ModelPool:
+        """A model's pool without replicas yet: where its weights are, its threads and its context window."""
+        head = await self.weights(spec)  # a store model is fetched onto this node first (its tokenizer)
+        pool = ModelPool(spec=spec, threads=threads_for(spec, self.catalog), source_path=head.path,
+                         digest=head.digest, download_bytes=head.size if head.store else 0)
+        pool.window = await asyncio.to_thread(ContextWindow.open, spec, head.path)
+        return pool
+
+    # ---- changes at run time (reconcile.py drives them) ----------------------------------------------
+
+    async def add_model(self, spec: ModelSpec) -> ModelPool:
+        """A new model: its pool takes requests at once (they wait for a replica), its replicas start where
+        the scheduler places them now."""
+        pool = await self.open_pool(spec)
+        fresh = [self._new_replica(pool) for _ in range(spec.replicas)]
+        self.pools[spec.name] = pool
+        await asyncio.gather(*(self._keeper.start(pool, r) for r in fresh))
+        return pool
+
+    async def reload(self, pool: ModelPool, spec: ModelSpec) -> None:
+        """New settings that need fresh replicas: replicas started from now on are built from them (the
+        caller replaces the older ones, reconcile.py)."""
+        pool.take_settings(await self.open_pool(spec))  # spec, weights and digest, threads, window
+        await pool.notify()
+
+    def _new_replica(self, pool: ModelPool) -> Replica:
+        replica = Replica(replica_id=f"{pool.spec.name}/{pool.next_index()}", actor=None, revision=pool.revision)
+        pool.replicas.append(replica)  # listed (starting) at once, so its pool is not hopeless meanwhile
+        return replica
+
+    async def add_replica(self, pool: ModelPool) -> Replica:
+        """One more replica, placed by the scheduler now (so a node that joined is used); returned once it
+        is ready or has failed its first start (then the keeper tries again in the background)."""
+        replica = self._new_replica(pool)
+        await self._keeper.start(pool, replica)
+        return replica
+
+    async def remove_replica(self, pool: ModelPool, replica: Replica, *, drain_timeout_s: float) -> None:
+        """Stop sending the replica work, let it finish what it serves (at most `drain_timeout_s`), then stop
+        it and free its placement."""
+        await self._stop_taking_work(pool, [replica])
+        if not await pool.drained(replica, timeout_s=drain_timeout_s):
+            log.warning("replica drain timed out; stopped with work in flight",
+                        extra={"replica": replica.replica_id, "in_flight": replica.in_flight})
+        if replica in pool.replicas:
+            pool.replicas.remove(replica)
+        await self._retire(pool, [replica])
+
+    async def remove_model(self, name: str, *, drain_timeout_s: float) -> None:
+        """New requests for the model get 404 at once; those already in (running or queued) finish, at most
+        `drain_timeout_s`; then its replicas stop and their placements are freed."""
+        pool = self.pools.pop(name, None)
+        if pool is None:
+            return
+        if not await pool.drained(timeout_s=drain_timeout_s):
+            log.warning("model drain timed out; its replicas stop with work in flight",
+                        extra={"model": name, "queued": pool.queued})
+        replicas = list(pool.replicas)
+        await self._stop_taking_work(pool, replicas)  # anything still queued now fails fast (no live replica)
+        await self._retire(pool, replicas)
+
+    async def _stop_taking_work(self, pool: ModelPool, replicas: list[Replica]) -> None:
+        for replica in replicas:
+            await self._keeper.forget(replica)  # no restart or move of a replica on its way out
+            replica.draining, replica.state = True, "draining"
+        await pool.notify()
+
+    async def _retire(self, pool: ModelPool, replicas: list[Replica]) -> None:
+        for replica in replicas:
+            self._keeper.retire(replica)
+            log.info("replica removed", extra={"replica": replica.replica_id, "node": replica.node})
+        placed = [r for r in replicas if r.placed]
+        if self.release is not None and placed:
+            try:
+                await self.release(pool, placed)
+            except Exception as exc:  # the scheduler forgets nothing then; the replicas are gone all the same
+                log.warning("replica placements not released", extra={"replicas": [r.replica_id for r in placed],
+                                                                      "error": f"{type(exc).__name__}: {exc}"})
+
+    @property
+    def _keeper(self) -> Keeper:
+        if self.keeper is None:
+            raise Unavailable("the inference service is still starting")
+        return self.keeper
 
     def _lost(self, pool: ModelPool, replica: Replica) -> None:
         if self.keeper is not None:

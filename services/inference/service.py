@@ -16,7 +16,8 @@ from protos.infer import (
     GenerateRequest,
     ModelsReply,
 )
-from services.inference.catalog import load_catalog
+from services.inference.live import follow_catalogue, starting_catalogue
+from services.inference.reconcile import scheduler_release
 from services.inference.router import Router
 from services.inference.streaming import ChunkSink
 from shared.config import Settings
@@ -126,15 +127,16 @@ async def build(settings: Settings):
     from services.inference.ray_runtime import start_ray, stop_ray
     from services.inference.replicas import ReplicaFactory
 
-    catalog = load_catalog(settings.models_file)
     service = MagiService("magi-inference", VERSION, "Model replicas on Ray: generate, stream, cancel, embed, models",
                           settings)
     nc = await service.connect()  # before the replicas: the scheduler places them
+    kv, catalog = await starting_catalogue(nc, settings)  # the bucket's models (seeded from the YAML once)
     start_ray(settings)
     router = Router(catalog)
     try:
         factory = ReplicaFactory(settings, nc)
-        await router.start(factory, where=factory.placements, weights=factory.head_weights)
+        await router.start(factory, where=factory.placements, weights=factory.head_weights,
+                           release=scheduler_release(nc))
     except BaseException:
         stop_ray()
         await nc.close()
@@ -145,8 +147,10 @@ async def build(settings: Settings):
     service.endpoint("magi.infer.embed", EmbedRequest, endpoints.embed)
     service.endpoint("magi.infer.models", Empty, endpoints.models)
     service.extra_stats = router.queue_stats
+    _, stop_following = follow_catalogue(router, kv, nc)  # catalogue changes applied live, autoscaling
 
     async def cleanup() -> None:
+        await stop_following()
         await router.close()
         stop_ray()
 
