@@ -102,7 +102,7 @@ def test_the_cli_adds_lists_fetches_and_removes(magi_stack, tmp_path):
         return subprocess.run([sys.executable, "-m", "magi.cli", "models", *args], env=env, capture_output=True,
                               text=True, timeout=60)
 
-    added = magi("add", "tiny-cli", str(path), "--json")
+    added = magi("add", "tiny-cli", str(path), "--store-only", "--json")  # random bytes: no catalogue model
     assert added.returncode == 0, added.stderr
     assert json.loads(added.stdout)[0]["digest"] == digest
     listed = magi("files")
@@ -110,6 +110,7 @@ def test_the_cli_adds_lists_fetches_and_removes(magi_stack, tmp_path):
     fetched = magi("fetch", "tiny-cli", "--digest", digest)
     assert fetched.returncode == 0, fetched.stderr
     assert (Path(magi_stack.home) / "models" / f"{digest.removeprefix('sha256:')}.gguf").read_bytes() == path.read_bytes()
-    assert magi("rm", "tiny-cli").returncode == 0
+    removed = magi("rm", "tiny-cli", "--file")
+    assert removed.returncode == 0, removed.stderr
     missing = magi("fetch", "tiny-cli")
     assert missing.returncode != 0 and "tiny-cli" in missing.stderr
