@@ -12,6 +12,12 @@ Limits mirror llama-cpp-python's: a prompt of n_ctx tokens or more is refused by
 `prompt`); prompt + max_tokens over n_ctx would be cut short silently (here: 400 on `max_tokens`); an
 embedding text longer than the batch (min(n_ctx, EMBED_BATCH)) would be truncated silently (here: 400
 on `texts`). vLLM models (a model folder, not a .gguf) are not checked here.
+
+Most requests are far from the limit, and rendering the template and tokenizing cost ~0.3 ms plus a hop to a
+worker thread on every request's path (the clones of a mission wait for each other's turn at the one
+vocabulary). So an upper bound comes first, on the caller's thread: the template's tokens measured once per
+role with empty contents, plus each content's UTF-8 bytes (a token is at least one byte). Only a request that
+bound cannot clear is rendered and counted exactly.
 """
 
 from __future__ import annotations
@@ -22,6 +28,11 @@ from pathlib import Path
 from services.inference.catalog import ModelSpec
 from services.inference.engine import EMBED_BATCH
 from shared.errors import BadRequest
+
+
+ROLES = ("system", "user", "assistant")
+BOUNDARY_SLACK = 2  # tokens per message for merges where a content meets the template text around it
+QUICK_BYTES = 16384  # embedding texts this short are tokenized on the caller's thread (microseconds)
 
 
 class _Counted(Exception):
@@ -48,6 +59,7 @@ class ContextWindow:
         self.embed_limit = min(spec.n_ctx, EMBED_BATCH)
         self._llm = _counting_llama(model_path)
         self._lock = threading.Lock()  # one Llama object; callers come from several worker threads
+        self._template = None if self.embedding else self._template_tokens()
 
     @classmethod
     def open(cls, spec: ModelSpec, model_path: str) -> "ContextWindow | None":
@@ -55,6 +67,31 @@ class ContextWindow:
         if spec.backend != "llama_cpp" or not Path(model_path).is_file():
             return None
         return cls(spec, model_path)
+
+    def _template_tokens(self) -> tuple[int, dict[str, int]] | None:
+        """The tokens of a one-message conversation with empty content, and what each further message adds
+        (empty content) by role; None for a template that refuses some order of roles (then always exact)."""
+        try:
+            first = [{"role": "user", "content": ""}]
+            base = self.prompt_tokens(first)
+            return base, {role: max(0, self.prompt_tokens([*first, {"role": role, "content": ""}]) - base)
+                          for role in ROLES}
+        except Exception:
+            return None
+
+    def surely_fits(self, messages: list[dict[str, str]], max_tokens: int) -> bool:
+        """True when an upper bound on the prompt's tokens shows that prompt and answer fit (no rendering, no
+        tokenizing: cheap enough for the event loop); False means "count exactly", not "too long"."""
+        if self._template is None:
+            return False
+        base, per_role = self._template
+        bound = base
+        for message in messages:
+            added = per_role.get(message["role"])
+            if added is None:
+                return False
+            bound += added + len(message["content"].encode("utf-8")) + BOUNDARY_SLACK
+        return bound + max(max_tokens, 1) <= self.n_ctx
 
     def prompt_tokens(self, messages: list[dict[str, str]]) -> int:
         with self._lock:
@@ -75,11 +112,28 @@ class ContextWindow:
                              f"window of {self.n_ctx}; ask for at most {self.n_ctx - used}", field="max_tokens")
         return used
 
+    def check_embed_quickly(self, texts: list[str]) -> int | None:
+        """`check_embed` on the caller's thread for short texts while no worker thread holds the vocabulary
+        (never waits for it); None otherwise: then call `check_embed` from a worker thread."""
+        if sum(len(t) for t in texts) * 4 > QUICK_BYTES or not self._lock.acquire(blocking=False):
+            return None
+        try:
+            counts = self._embed_counts(texts)
+        finally:
+            self._lock.release()
+        return self._embed_verdict(counts)
+
     def check_embed(self, texts: list[str]) -> int:
         """BadRequest naming the first text too long to embed whole; else the texts' tokens in all
         (blocking: tokenizes)."""
         with self._lock:
-            counts = [len(self._llm.tokenize(text.encode("utf-8"))) for text in texts]
+            counts = self._embed_counts(texts)
+        return self._embed_verdict(counts)
+
+    def _embed_counts(self, texts: list[str]) -> list[int]:
+        return [len(self._llm.tokenize(text.encode("utf-8"))) for text in texts]
+
+    def _embed_verdict(self, counts: list[int]) -> int:
         for i, n in enumerate(counts):
             if n > self.embed_limit:
                 raise BadRequest(f"texts[{i}] is {n} tokens; this embedding model takes at most {self.embed_limit}",

@@ -169,14 +169,15 @@ class Router:
 
     async def check_fits(self, pool: ModelPool, messages: list[dict[str, str]], max_tokens: int) -> None:
         """400 for a request that cannot fit the model's context window, before any replica sees it."""
-        if pool.window is not None:
+        if pool.window is not None and not pool.window.surely_fits(messages, max_tokens):
             await asyncio.to_thread(pool.window.check_generate, messages, max_tokens)
 
     async def check_embed_fits(self, pool: ModelPool, texts: list[str]) -> int:
         """The texts' tokens in all (0 where the pool has no tokenizer here); BadRequest when one is too long."""
-        if pool.window is not None:
-            return await asyncio.to_thread(pool.window.check_embed, texts)
-        return 0
+        if pool.window is None:
+            return 0
+        counted = pool.window.check_embed_quickly(texts)
+        return counted if counted is not None else await asyncio.to_thread(pool.window.check_embed, texts)
 
     def resolve(self, model: str, role: str | None, *, embedding: bool = False) -> ModelPool:
         if model:

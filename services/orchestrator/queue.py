@@ -33,7 +33,7 @@ from typing import Awaitable, Callable
 import msgspec
 from nats.aio.client import Client
 from nats.errors import TimeoutError as NatsTimeoutError
-from nats.js.api import AckPolicy, ConsumerConfig, DiscardPolicy
+from nats.js.api import AckPolicy, ConsumerConfig
 from nats.js.errors import FetchTimeoutError
 from nats.micro.request import ERROR_CODE_HEADER
 
@@ -59,6 +59,9 @@ _decoder = msgspec.json.Decoder(MissionRequest)
 _encoder = msgspec.json.Encoder()
 
 Runner = Callable[[MissionRequest, RequestContext, str], Awaitable[MissionReply]]
+# Work a mission's answer leads to once it is stored (remembering it): done before the ack, so a crash first means
+# redelivery, which finds the answer stored and does it again.
+After = Callable[[MissionRequest, MissionReply], Awaitable[None]]
 
 
 def mission_id_of(msg, mission: MissionRequest | None) -> str:
@@ -98,22 +101,12 @@ def retry_delay(attempt: int) -> float:
     return RETRY_DELAYS_S[min(attempt - 1, len(RETRY_DELAYS_S) - 1)]
 
 
-async def bound_submissions(nc: Client, max_pending: int) -> None:
-    """Give the mission stream its admission bound (0: none), unless it has it already."""
-    js = nc.jetstream()
-    config = (await js.stream_info(SUBMIT_STREAM)).config
-    wanted = max_pending or -1
-    if config.max_msgs == wanted and config.discard == DiscardPolicy.NEW:
-        return
-    config.max_msgs, config.discard = wanted, DiscardPolicy.NEW
-    await js.update_stream(config)
-
-
 class MissionQueue:
-    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 8,
+    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, after: After | None = None, ack_wait_s: float = 6.0, max_deliver: int = 8,
                  concurrency: int = 16, replicas: int = 1, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.nc = nc
         self.run = run
+        self.after = after
         self.disruptions = disruptions
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
@@ -134,8 +127,7 @@ class MissionQueue:
                               max_deliver=self.max_deliver, max_ack_pending=1024, filter_subject=SUBMIT_SUBJECT)
 
     async def start(self) -> None:
-        await ensure_streams(self.nc, self.replicas)
-        await bound_submissions(self.nc, self.max_pending)
+        await ensure_streams(self.nc, self.replicas, self.max_pending)
         js = self.nc.jetstream()
         # Create or update: a consumer left by an older version (a 600 s ack wait) takes today's settings.
         await js.add_consumer(SUBMIT_STREAM, self.consumer_config())
@@ -190,7 +182,9 @@ class MissionQueue:
         except Exception as exc:
             mission, problem = None, translate(exc)
         mission_id = mission_id_of(msg, mission)
-        if await self.results.stored(mission_id) is not None:
+        answered = await self.results.stored(mission_id)
+        if answered is not None:
+            await self._after(mission, answered)  # its follow-up may be what the crash cut short
             await msg.ack_sync()  # answered before a crash took the ack with it: never run twice
             log.info("mission already answered", extra={"mission_id": mission_id, "attempt": attempt})
             return
@@ -203,9 +197,15 @@ class MissionQueue:
         stored = await self.results.store(mission_id, outcome)
         if stored:
             self.outcomes[outcome_label(outcome)] += 1
+        await self._after(mission, outcome)
         await msg.ack_sync()  # only now: a crash before this point means redelivery, not loss
         log.info("mission done", extra={"mission_id": mission_id, "attempt": attempt, "failed": outcome.failed,
                                         "duplicate": not stored})
+
+    async def _after(self, mission: MissionRequest | None, outcome: Outcome) -> None:
+        """The follow-up of an answered mission (none for a failed one)."""
+        if self.after is not None and mission is not None and not outcome.failed:
+            await self.after(mission, outcome.reply())
 
     async def _attempt(self, msg, mission: MissionRequest, mission_id: str, attempt: int) -> Outcome | None:
         ctx = RequestContext(subject=msg.subject, headers=dict(msg.headers or {}))

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import msgspec
 from nats.aio.client import Client
-from nats.js.api import RetentionPolicy, StorageType, StreamConfig
+from nats.js.api import DiscardPolicy, RetentionPolicy, StorageType, StreamConfig
 from nats.js.errors import BadRequestError, NotFoundError
 from nats.micro.request import ERROR_CODE_HEADER, ERROR_HEADER
 
@@ -37,11 +37,14 @@ _reply = msgspec.json.Decoder(MissionReply)
 _encoder = msgspec.json.Encoder()
 
 
-async def ensure_streams(nc: Client, replicas: int = 1) -> None:
-    """The three streams on disk; `replicas` 3 on a 3-server NATS cluster, so losing one server loses nothing."""
+async def ensure_streams(nc: Client, replicas: int = 1, max_pending: int = 0) -> None:
+    """The three streams on disk; `replicas` 3 on a 3-server NATS cluster, so losing one server loses nothing.
+    The work queue holds at most `max_pending` missions (0: no bound; see queue.py, "Admission"): the bound is
+    part of the stream's own config, so bringing an older stream up to date never lifts it, not even briefly."""
     for config in (
         StreamConfig(name=SUBMIT_STREAM, subjects=[SUBMIT_SUBJECT], retention=RetentionPolicy.WORK_QUEUE,
-                     storage=StorageType.FILE, duplicate_window=DEDUP_WINDOW_S, num_replicas=replicas),
+                     storage=StorageType.FILE, duplicate_window=DEDUP_WINDOW_S, num_replicas=replicas,
+                     max_msgs=max_pending or -1, discard=DiscardPolicy.NEW),
         StreamConfig(name=RESULT_STREAM, subjects=[f"{RESULT_PREFIX}.>"], storage=StorageType.FILE,
                      duplicate_window=DEDUP_WINDOW_S, max_age=RESULT_MAX_AGE_S, num_replicas=replicas),
         StreamConfig(name=DEAD_STREAM, subjects=[f"{DEAD_PREFIX}.>"], storage=StorageType.FILE,
