@@ -27,6 +27,7 @@ log = logging.getLogger("magi.consensus")
 
 
 EMBED_TIMEOUT_S = 10.0
+INLINE_VOTES = 6  # about 0.15 ms of grouping here (4 votes: 0.09 ms, 8: 0.25 ms)
 STORE_MARGIN_S = 1.0  # of the caller's time kept for storing the record and replying
 
 
@@ -70,8 +71,12 @@ class ConsensusEndpoints:
         vectors, prompt_vector = await self.vectors(req.votes, req.prompt)
         # `synthesize` groups like `medoid`; the medoid is its answer whenever the heavy model cannot write one.
         base = "medoid" if req.strategy == "synthesize" else req.strategy
-        # Off the event loop: grouping is O(n²) in the votes (up to 512).
-        decision = await asyncio.to_thread(decide, req.votes, base, vectors)
+        # Grouping is O(n²) in the votes (up to 512): off the event loop, unless there are a mission's few, which
+        # take microseconds, less than the hop to a worker thread.
+        if len(req.votes) <= INLINE_VOTES:
+            decision = decide(req.votes, base, vectors)
+        else:
+            decision = await asyncio.to_thread(decide, req.votes, base, vectors)
         synthesis = None
         if req.strategy == "synthesize":
             budget = (req.timeout_s or SYNTHESIS_TIMEOUT_S) - (time.monotonic() - started) - STORE_MARGIN_S
