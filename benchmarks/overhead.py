@@ -67,11 +67,11 @@ async def _run(nc, count: int, strategy: str, first: int, progress) -> list[tupl
         t0 = time.perf_counter()
         reply = await bus.request(nc, "magi.mission.run", _mission(i, strategy), MissionReply, timeout=180)
         out.append((reply, (time.perf_counter() - t0) * 1000))
-        await _settled(nc)
+        await settled(nc)
     return out
 
 
-async def _settled(nc, timeout_s: float = 30.0) -> None:
+async def settled(nc, timeout_s: float = 30.0) -> None:
     """Wait until the last mission is settled (its message acknowledged): the orchestrator remembers an answer
     after replying, and each mission is measured on its own, not against the previous one's remembering (the
     load benchmark measures missions that overlap)."""
