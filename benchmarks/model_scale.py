@@ -112,7 +112,8 @@ async def measure_model_scale(progress=lambda _m: None, rounds: int = ROUNDS) ->
             stack.down(home, progress)
     up, load, down = (statistics.median(samples[k]) for k in ("up", "load", "down"))
     figures = {"models.scale_up_s": round(up, 3), "models.load_s": round(load, 3),
-               "models.scale_up_over_load_s": round(up - load, 3), "models.scale_up_max_s": round(max(samples["up"]), 3),
+               "models.scale_up_over_load_s": round(up - load, 3),
+               "models.scale_up_max_s": round(max(samples["up"]), 3),
                "models.scale_down_s": round(down, 3), "models.scale.rounds": rounds}
     log.info("model scale benchmark", extra={"figures": figures})
     return figures

@@ -27,11 +27,23 @@ async def starting_catalogue(nc: Client, settings: Settings) -> tuple[KeyValue, 
     """The bucket, and the models it holds; on the very first start it is seeded from MAGI_MODELS_FILE (or the
     built-in catalogue), which is read only then."""
     kv = await livecatalog.open_bucket(nc.jetstream(), create=True, replicas=settings.stream_replicas)
-    if await livecatalog.never_written(kv):
+    seeding = await livecatalog.never_written(kv)
+    if seeding:
         await livecatalog.seed(kv, load_catalog(settings.models_file))
     specs = await livecatalog.load(kv)
+    if not seeding and settings.models_file:
+        _say_the_bucket_wins(load_catalog(settings.models_file), specs)
     # Built directly, not converted: an operator may have removed every model (then nothing is served).
     return kv, Catalog(models=sorted(specs.values(), key=lambda s: s.name))
+
+
+def _say_the_bucket_wins(yaml_catalogue: Catalog, specs: dict) -> None:
+    """An operator who edits MAGI_MODELS_FILE after the first start is told why nothing changed."""
+    differs = sorted({m.name for m in yaml_catalogue.models if specs.get(m.name) != m} |
+                     (set(specs) - {m.name for m in yaml_catalogue.models}))
+    if differs:
+        log.warning("MAGI_MODELS_FILE differs from the catalogue bucket, which wins after the first start "
+                    "(change models with magi models add|set|rm|scale)", extra={"models": differs})
 
 
 async def _watch_forever(reconciler: Reconciler, kv: KeyValue, nc: Client) -> None:

@@ -153,6 +153,9 @@ class Router:
         if self.release is not None and placed:
             try:
                 await self.release(pool, placed)
+            except Unavailable:  # no scheduler (the service alone): nothing was placed by one either
+                log.info("no scheduler to release replica placements",
+                         extra={"replicas": [r.replica_id for r in placed]})
             except Exception as exc:  # the scheduler forgets nothing then; the replicas are gone all the same
                 log.warning("replica placements not released", extra={"replicas": [r.replica_id for r in placed],
                                                                       "error": f"{type(exc).__name__}: {exc}"})

