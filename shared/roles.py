@@ -38,13 +38,14 @@ RESERVED_PREFIXES = ("$", "magi.", "_MAGI.")
 _NEVER = ["$SYS.>", "$KV.>", "$O.>", "$SRV.>", "_MAGI.>", "magi.node.>"]
 # Inference reads the model store (its own copy of a model, for the tokenizer, and a replica's where no agent
 # answers): of JetStream it may create consumers and read messages and stream info, never change or delete
-# a stream or a consumer it did not create, pull from a work queue, or ack (and `$O.>`, the store's own
-# subjects, stays denied: it cannot write a model). Of the node subjects it may only ask `models.fetch`
+# a stream or a consumer it did not create, pull from the mission queue (the one durable consumer; a model
+# download pulls from an ephemeral consumer of its own, shared/modelstore.py), or ack (and `$O.>`, the store's
+# own subjects, stays denied: it cannot write a model). Of the node subjects it may only ask `models.fetch`
 # (five tokens; an agent's heartbeat, info, logs and reconcile are four, and their live log lines more).
 _JS_CHANGES = ["$JS.API.STREAM.CREATE.>", "$JS.API.STREAM.UPDATE.>", "$JS.API.STREAM.DELETE.>", "$JS.API.STREAM.PURGE.>",
                "$JS.API.STREAM.MSG.DELETE.>", "$JS.API.STREAM.SNAPSHOT.>", "$JS.API.STREAM.RESTORE.>",
                "$JS.API.STREAM.LEADER.>", "$JS.API.STREAM.PEER.>", "$JS.API.CONSUMER.DURABLE.>",
-               "$JS.API.CONSUMER.DELETE.>", "$JS.API.CONSUMER.MSG.NEXT.>", "$JS.API.CONSUMER.PAUSE.>",
+               "$JS.API.CONSUMER.DELETE.>", f"$JS.API.CONSUMER.MSG.NEXT.{SUBMIT_STREAM}.>", "$JS.API.CONSUMER.PAUSE.>",
                "$JS.API.CONSUMER.UNPIN.>", "$JS.API.CONSUMER.LEADER.>", "$JS.API.ACCOUNT.>", "$JS.API.META.>",
                "$JS.API.SERVER.>", "$JS.ACK.>", "$JS.SNAPSHOT.>"]
 _NODE_BUT_MODEL_FETCH = ["magi.node.*.*", "magi.node.*.logs.>", "magi.node.*.*.*.>"]
@@ -118,7 +119,8 @@ def _model_reader() -> list[str]:
     return ["$JS.API.STREAM.NAMES", f"$JS.API.STREAM.INFO.{MODEL_STREAM}", f"$JS.API.STREAM.MSG.GET.{MODEL_STREAM}",
             f"$JS.API.DIRECT.GET.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.CREATE.{MODEL_STREAM}",
             f"$JS.API.CONSUMER.CREATE.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.INFO.{MODEL_STREAM}.>",
-            f"$JS.API.CONSUMER.DELETE.{MODEL_STREAM}.>", f"$JS.FC.{MODEL_STREAM}.>"]
+            f"$JS.API.CONSUMER.DELETE.{MODEL_STREAM}.>", f"$JS.API.CONSUMER.MSG.NEXT.{MODEL_STREAM}.>",
+            f"$JS.FC.{MODEL_STREAM}.>"]
 
 
 def _stream_reader(s: str) -> list[str]:
