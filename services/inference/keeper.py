@@ -15,6 +15,7 @@ import contextlib
 import logging
 from typing import Any, Awaitable, Callable, Coroutine
 
+from services.inference import tp_groups
 from services.inference.pool import ModelPool, Replica
 
 log = logging.getLogger("magi.inference.keeper")
@@ -78,6 +79,7 @@ class Keeper:
         for actor in [replica.actor, *replica.shard_actors]:
             if actor is not None:
                 self.kill(actor)
+        tp_groups.release(replica.actor)  # a tensor-parallel replica's placement group, if it spans nodes
 
     # ---- replicas added and removed at run time ----------------------------------------------------
 

@@ -25,6 +25,7 @@ from pathlib import Path
 from nats.aio.client import Client
 
 from protos.sched import InstanceSpec, PlaceReply, PlaceRequest
+from services.inference import tp_groups
 from services.inference.pool import ModelPool, Replica
 from services.inference.weights import ModelFiles
 from shared import bus
@@ -82,6 +83,10 @@ def replica_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
     if pool.spec.shards:
         return gang_specs(pool, replica_id)
     cells = pool.spec.n_ctx * pool.spec.max_batch  # a batched replica's KV cache holds every slot's window
+    if tp_groups.is_tp_gang(pool.spec.backend, pool.spec.tensor_parallel_size):  # one instance per GPU worker
+        return tp_groups.worker_specs(instance_id(replica_id), pool.spec.tensor_parallel_size,
+                                      ram_gb=replica_ram_gb(pool.source_path, cells),
+                                      model_gb=model_gb(pool.source_path), extra=model_fields(pool))
     return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, cells),
                          gpu_required=pool.spec.gpus > 0,  # vLLM, or llama.cpp with n_gpu_layers
                          **model_fields(pool))]
@@ -150,8 +155,19 @@ def check_gpus(pool: ModelPool, node: str) -> None:
                           f"the vllm backend) but Ray counts fewer on node {node}", field=field)
 
 
+def check_tp_gpus(pool: ModelPool, nodes: list[str]) -> None:
+    """A tensor-parallel replica spread over nodes: each node needs a GPU per worker placed there."""
+    import ray
+
+    ray_nodes = ray.nodes()
+    tp_groups.check_fit(pool.spec.name, nodes, lambda node: node_gpus(ray_nodes, node))
+
+
 def pins(pool: ModelPool, specs: list[InstanceSpec]) -> dict[str, str]:
-    """The catalogue's pins (`node`, `shard_nodes`) as explicit placements."""
+    """The catalogue's pins (`node`, `shard_nodes`) as explicit placements; `node` pins every GPU worker of a
+    tensor-parallel replica."""
+    if pool.spec.node and tp_groups.is_tp_gang(pool.spec.backend, pool.spec.tensor_parallel_size):
+        return {spec.instance_id: pool.spec.node for spec in specs}
     explicit = {specs[0].instance_id: pool.spec.node} if pool.spec.node else {}
     explicit.update({spec.instance_id: node for spec, node in zip(specs[1:], pool.spec.shard_nodes)})
     return explicit
@@ -175,15 +191,24 @@ class ReplicaFactory:
     async def __call__(self, pool: ModelPool, index: int) -> Replica:
         replica_id = f"{pool.spec.name}/{index}"
         nodes = await self._place_on_live_nodes(pool, replica_id, replica_specs(pool, replica_id))
-        if pool.spec.gpus:
+        across = tp_groups.needs_group(pool.spec.backend, pool.spec.tensor_parallel_size, nodes)
+        if across:
+            await asyncio.to_thread(check_tp_gpus, pool, nodes)
+        elif pool.spec.gpus:
             await asyncio.to_thread(check_gpus, pool, nodes[0])
         path = await self.model_path(pool, nodes[0])
-        shard_actors, endpoints = await self._start_shards(pool, nodes[1:])
+        shard_actors, endpoints = await self._start_shards(pool, nodes[1:] if pool.spec.shards else [])
         generation = self._generation[replica_id] = self._generation.get(replica_id, -1) + 1
         name = f"replica:{replica_id}" + (f"#{generation}" if generation else "")
-        actor = replica_class(pool.spec.backend).options(**actor_options(pool, name, nodes[0])).remote(
-            replica_id, path, pool.spec.n_ctx, pool.threads, pool.spec.embedding,
-            **replica_kwargs(pool, endpoints))
+        options, kwargs = actor_options(pool, name, nodes[0]), replica_kwargs(pool, endpoints)
+        group = None
+        if across:
+            group = await tp_groups.reserve(nodes, f"tp:{name}")
+            options, kwargs["ray_executor"] = tp_groups.in_group(options, group), True
+        actor = replica_class(pool.spec.backend).options(**options).remote(
+            replica_id, path, pool.spec.n_ctx, pool.threads, pool.spec.embedding, **kwargs)
+        if group is not None:
+            tp_groups.remember(actor, group)  # removed with the actor when the keeper retires it
         return Replica(replica_id=replica_id, actor=actor, node=nodes[0], shards=endpoints, shard_actors=shard_actors,
                        placed=nodes, digest=pool.digest)
 

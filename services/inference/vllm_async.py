@@ -188,9 +188,19 @@ class AsyncVllmEngine:
             self.llm.shutdown()
 
 
+def executor_backend(tensor_parallel_size: int, placement_group=None) -> str | None:
+    """vLLM's distributed executor: Ray's inside a placement group spanning nodes (tp_groups.py), vLLM's own
+    worker processes for several GPUs of one node, none (one process) for one GPU."""
+    if placement_group is not None:
+        return "ray"
+    return "mp" if tensor_parallel_size > 1 else None
+
+
 def build(model: str, *, n_ctx: int, embedding: bool, max_batch: int, tensor_parallel_size: int = 1,
-          gpu_memory_utilization: float = 0.85, pooling: str = "MEAN", **engine_kwargs) -> AsyncVllmEngine:
-    """An `AsyncVllmEngine` over a new `AsyncLLM` (vLLM >= 0.11); Unavailable where vLLM is not installed."""
+          gpu_memory_utilization: float = 0.85, pooling: str = "MEAN", placement_group=None,
+          **engine_kwargs) -> AsyncVllmEngine:
+    """An `AsyncVllmEngine` over a new `AsyncLLM` (vLLM >= 0.11); Unavailable where vLLM is not installed.
+    `placement_group`: the Ray group whose GPU bundles hold the tensor-parallel workers (tp_groups.py)."""
     try:
         from vllm import SamplingParams
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -203,8 +213,8 @@ def build(model: str, *, n_ctx: int, embedding: bool, max_batch: int, tensor_par
                           "on a CUDA node: pip install 'magi[gpu]'", field="backend") from None
     kwargs: dict[str, Any] = dict(model=model, max_model_len=n_ctx, gpu_memory_utilization=gpu_memory_utilization,
                                   max_num_seqs=max_batch, tensor_parallel_size=tensor_parallel_size,
-                                  # One node's GPUs: vLLM's own worker processes, not a Ray placement group.
-                                  distributed_executor_backend="mp" if tensor_parallel_size > 1 else None,
+                                  distributed_executor_backend=executor_backend(tensor_parallel_size,
+                                                                                placement_group),
                                   enable_prefix_caching=not embedding, disable_log_stats=True)
     if embedding:
         # The same pooling as the llama.cpp path (mean over the tokens, normalised), so vectors from either
@@ -216,9 +226,20 @@ def build(model: str, *, n_ctx: int, embedding: bool, max_batch: int, tensor_par
         key = "pooler_config" if "pooler_config" in names else "override_pooler_config"
         kwargs.update({"runner": "pooling", key: PoolerConfig(pooling_type=pooling, normalize=True)})
     kwargs.update(engine_kwargs)
-    llm = AsyncLLM.from_engine_args(AsyncEngineArgs(**kwargs))
+    llm = _async_llm(AsyncLLM, AsyncEngineArgs(**kwargs), placement_group)
     def delta_sampling(**kw) -> SamplingParams:
         return SamplingParams(**kw, output_kind=RequestOutputKind.DELTA)
 
     return AsyncVllmEngine(llm, sampling_params=delta_sampling, tokens_prompt=TokensPrompt,
                            pooling_params=PoolingParams, embedding=embedding)
+
+
+def _async_llm(async_llm, args, placement_group):
+    """The engine; with a placement group, the group is set in the engine's parallel config, which
+    `initialize_ray_cluster` (vllm/v1/executor/ray_utils.py) uses before looking for a current group: the
+    engine core runs in a child process, a Ray driver of its own that is in no group."""
+    if placement_group is None:
+        return async_llm.from_engine_args(args)
+    config = args.create_engine_config()
+    config.parallel_config.placement_group = placement_group
+    return async_llm.from_vllm_config(config, disable_log_stats=args.disable_log_stats)

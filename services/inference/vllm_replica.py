@@ -1,7 +1,9 @@
 """A vLLM replica as an async Ray actor: one `AsyncLLM` (vllm_async.py) serving every request the router
 sends it at once, on one event loop; vLLM batches them. Same methods as `LlamaReplica`, so the router,
 keeper and follower treat both alike. Its GPUs come from Ray (`num_gpus` = the catalogue's
-`tensor_parallel_size`), which sets CUDA_VISIBLE_DEVICES before vLLM starts its workers.
+`tensor_parallel_size`), which sets CUDA_VISIBLE_DEVICES before vLLM starts its workers; a replica whose
+tensor-parallel workers span nodes holds no GPU itself and runs in a placement group whose bundles hold them
+(`ray_executor`, tp_groups.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from dataclasses import asdict
 import ray
 
 import services.inference.ray_runtime  # noqa: F401  (confines Ray to loopback before import)
-from services.inference import vllm_async
+from services.inference import tp_groups, vllm_async
 from services.inference.engine import GenerateParams, Generation
 
 
@@ -22,12 +24,13 @@ from services.inference.engine import GenerateParams, Generation
 class VllmReplica:
     def __init__(self, replica_id: str, model_path: str, n_ctx: int, threads: int, embedding: bool,
                  backend: str = "vllm", rpc_servers: list[str] | None = None, max_batch: int = 1,
-                 kv_unified: bool = False, tensor_parallel_size: int = 1) -> None:
+                 kv_unified: bool = False, tensor_parallel_size: int = 1, ray_executor: bool = False) -> None:
         self.replica_id = replica_id
         self.node = os.environ.get("MAGI_NODE_NAME") or socket.gethostname()
         self.embedding = embedding
+        group = tp_groups.prepare_driver() if ray_executor else None
         self.engine = vllm_async.build(model_path, n_ctx=n_ctx, embedding=embedding, max_batch=max_batch,
-                                       tensor_parallel_size=tensor_parallel_size)
+                                       tensor_parallel_size=tensor_parallel_size, placement_group=group)
 
     async def warmup(self) -> dict:
         """Ready means a real generation (or embedding) went through, not just a live process."""
