@@ -83,8 +83,9 @@ class ModelSpec(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     # slot (replicas x max_batch), at least QUEUE_MIN, so a full round of missions' clones (16 at once by
     # default, a few clones each) or their memory lookups never meets it. 0: no bound (wait as before).
     max_queue: Annotated[int, msgspec.Meta(ge=0)] | None = None
-    # vLLM only: GPUs one replica spreads its model over (tensor parallelism, vLLM's own worker processes on
-    # one node); the replica asks Ray for that many and the scheduler for a node that has them.
+    # vLLM only: GPUs one replica spreads its model over (tensor parallelism). The scheduler places one GPU worker
+    # per GPU, as a gang: on one node the replica asks Ray for that many GPUs (vLLM's own worker processes); spread
+    # over nodes it runs vLLM's Ray executor in a placement group of one GPU bundle per worker (tp_groups.py).
     tensor_parallel_size: Annotated[int, msgspec.Meta(ge=1, le=MAX_GPUS)] = 1
     # `sha256:<hex>`: every replica loads exactly these bytes. A `store:` source fetches that digest (refused
     # when the store holds other bytes under the name); a local .gguf is hashed at start and refused on a
