@@ -67,6 +67,7 @@ def follow_catalogue(router: Router, kv: KeyValue, nc: Client) -> tuple[Reconcil
         await livecatalog.change(kv, name, lambda raw: {**raw, "replicas": replicas})
 
     tasks = [asyncio.create_task(_watch_forever(reconciler, kv, nc), name="catalogue-watch"),
+             asyncio.create_task(reconciler.resync_forever(), name="catalogue-resync"),
              asyncio.create_task(Autoscaler(router, scale).run(), name="autoscaler")]
 
     async def stop() -> None:

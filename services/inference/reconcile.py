@@ -28,6 +28,7 @@ log = logging.getLogger("magi.inference.reconcile")
 # later) is built into a replica's actor, so a change replaces the replicas: the safe default.
 IN_PLACE = frozenset({"roles", "replicas", "warmup_timeout_s", "max_queue", "autoscale"})
 DRAIN_TIMEOUT_S = 60.0  # how long removed replicas may finish what they serve before they are stopped
+RESYNC_S = 30.0  # how often models that still differ from the catalogue are looked at again
 
 
 @dataclass(frozen=True)
@@ -103,6 +104,26 @@ class Reconciler:
             self.wanted[name] = spec
         # Default threads split the cores over every generation replica in the catalogue.
         self.router.catalog = Catalog(models=list(self.wanted.values()))
+        self._kick(name)
+
+    def resync(self) -> list[str]:
+        """Converge again every model that differs from the catalogue: a change that failed (weights not
+        there yet, no node to place on) is retried without waiting for the next edit. The models looked at."""
+        running = {name: pool.spec for name, pool in self.router.pools.items()}
+        names = set(diff(running, self.wanted))
+        names |= {name for name, pool in self.router.pools.items()
+                  if len(self._serving(pool)) != pool.spec.replicas
+                  or any(r.revision != pool.revision for r in self._serving(pool))}
+        for name in sorted(names):
+            self._kick(name)
+        return sorted(names)
+
+    async def resync_forever(self, interval_s: float = RESYNC_S) -> None:
+        while True:
+            await asyncio.sleep(interval_s)
+            self.resync()
+
+    def _kick(self, name: str) -> None:
         worker = self._workers.get(name)
         if worker is not None and not worker.done():
             self._again.add(name)

@@ -369,3 +369,28 @@ async def test_reconciler_adds_and_removes_whole_models():
     finally:
         await reconciler.close()
         await router.close()
+
+
+async def test_a_change_that_failed_is_tried_again_by_the_resync():
+    router, _ = await _router(M)
+    reconciler = Reconciler(router, drain_timeout_s=5)
+    missing = {"late"}  # its weights are not there yet
+
+    async def open_pool(spec: ModelSpec) -> ModelPool:
+        if spec.name in missing:
+            raise NotFound(f"no weights for {spec.name}", field="source")
+        return ModelPool(spec=spec, threads=1, source_path=f"{spec.name}.gguf")
+
+    router.open_pool = open_pool
+    try:
+        reconciler.want("late", ModelSpec(name="late", roles=["fast"]))
+        await reconciler.settled()
+        assert "late" not in router.pools and reconciler.resync() == ["late"]
+        await reconciler.settled()
+        missing.clear()
+        assert reconciler.resync() == ["late"]
+        await reconciler.settled()
+        assert _ready(router.pools["late"]) == ["late/0"] and reconciler.resync() == []
+    finally:
+        await reconciler.close()
+        await router.close()
