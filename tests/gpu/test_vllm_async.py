@@ -3,17 +3,17 @@ whole path through `magi.infer.generate`.
 
 The model is MAGI_VLLM_MODEL (a local Hugging Face folder) or, by default, a tiny Llama with random weights
 and a word-level tokenizer that the test writes itself: nothing is downloaded. Its answers are noise, which
-is all these tests need (they measure the serving, not the model)."""
+is all these tests need (they measure the serving, not the model). Tensor parallelism: test_vllm_tp.py."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 import time
-from pathlib import Path
 
 import pytest
 
+from benchmarks.tiny_llama import build_tiny_llama
 from services.inference.engine import GenerateParams
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
@@ -33,30 +33,9 @@ if not GPUS:
     pytest.skip("needs vLLM (the `gpu` extra) and a CUDA GPU", allow_module_level=True)
 
 
-def _tiny_model(folder: Path) -> Path:
-    """A 2-layer Llama with random weights and a 1,000-word tokenizer with a chat template."""
-    import torch
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
-
-    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, **{f"w{i}": i + 3 for i in range(1000)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    fast.chat_template = ("{{ bos_token }}{% for m in messages %}{{ m['content'] }} {% endfor %}"
-                          "{% if add_generation_prompt %}w0 {% endif %}")
-    fast.save_pretrained(folder)
-    config = LlamaConfig(vocab_size=len(vocab), hidden_size=256, intermediate_size=512, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=2048,
-                         bos_token_id=1, eos_token_id=2, torch_dtype="float16")
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).to(torch.float16).save_pretrained(folder)
-    return folder
-
-
 @pytest.fixture(scope="module")
 def model(tmp_path_factory) -> str:
-    return os.environ.get("MAGI_VLLM_MODEL") or str(_tiny_model(tmp_path_factory.mktemp("tiny-llama")))
+    return os.environ.get("MAGI_VLLM_MODEL") or str(build_tiny_llama(tmp_path_factory.mktemp("tiny-llama")))
 
 
 @pytest.fixture(scope="module")
@@ -117,18 +96,6 @@ def test_sixteen_at_once_beat_one_at_a_time(engine, record_property):
     sequential, batched = _run(timed(False)), _run(timed(True))
     record_property("vllm.batch16.speedup", round(batched / sequential, 3))
     assert batched > 2 * sequential
-
-
-@pytest.mark.skipif(GPUS < 2, reason="tensor parallelism needs two GPUs")
-def test_two_way_tensor_parallelism_serves(model):
-    from services.inference import vllm_async
-
-    eng = vllm_async.build(model, n_ctx=512, embedding=False, max_batch=8, tensor_parallel_size=2,
-                           gpu_memory_utilization=0.3, enforce_eager=True)
-    try:
-        assert _run(eng.generate(_params(8), "tp-1")).completion_tokens > 0
-    finally:
-        _run(eng.close())
 
 
 def test_through_the_service_streams_and_cancels(model, tmp_path):
