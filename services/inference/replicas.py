@@ -4,8 +4,9 @@ Every MAGI node in the Ray cluster carries a custom resource `magi_node:<name>` 
 the local node's; a node's agent passes `--resources` to `ray start`). An actor asks for a sliver of
 its node's resource, so Ray runs it exactly there. Nodes come from `magi.sched.place`: a plain replica
 is one instance; a sharded replica is a gang (its shards and its coordinator, all or none) whose
-coordinator goes to the node with the best seed-001 score. With no scheduler answering (the inference
-service alone, as in benchmarks) everything stays on the local node.
+coordinator goes to the node with the best seed-001 score. A vLLM replica with tensor_parallel_size N is a gang
+of N GPU workers; spread over nodes, it runs in a Ray placement group (tp_groups.py). With no scheduler
+answering (the inference service alone, as in benchmarks) everything stays on the local node.
 
 A model from the bus's model store (`store:NAME`) is fetched onto the replica's node by that node's agent,
 verified by the digest the head loaded, before the actor is created with the node's own path (weights.py);

@@ -3,19 +3,24 @@ one GPU to Ray, which Ray counts without looking for hardware): the placement gr
 on the worker's node, the replica's actor runs in bundle 0 on the first worker's node without a GPU of its
 own, vLLM-style workers (one GPU each, scheduled onto a bundle) land on the nodes the scheduler chose, and
 retiring the replica kills the actor and removes the group. No vLLM here: the actor is a probe with the
-options and the driver set-up the vLLM replica gets."""
+options and the driver set-up the vLLM replica gets, or the real VllmReplica started by the inference service's
+ReplicaFactory (the scheduler's answer fixed), which finds its group and then fails for want of vLLM."""
 
 from __future__ import annotations
 
 import asyncio
 import os
 
+import msgspec
 import pytest
 
 import services.inference.ray_runtime  # noqa: F401  (Ray on loopback only, set before Ray is imported)
 from services.inference import tp_groups
+from services.inference.catalog import ModelSpec
 from services.inference.keeper import Keeper
-from services.inference.pool import Replica
+from services.inference.pool import ModelPool, Replica
+from services.inference.replicas import ReplicaFactory
+from shared.config import Settings
 from shared.errors import Unavailable
 
 pytestmark = [pytest.mark.integration, pytest.mark.timeout(180)]
@@ -110,3 +115,32 @@ def test_a_group_ray_cannot_provide_is_refused_and_not_left_waiting(cluster):
     assert caught.value.field == "tensor_parallel_size" and "node(s) a" in caught.value.message
     [left] = [g for g in ray.util.placement_group_table().values() if g["name"] == "tp:too-many"]
     assert left["state"] == "REMOVED"
+
+
+class SpreadFactory(ReplicaFactory):
+    """The inference service's ReplicaFactory with the scheduler's answer fixed: its workers on b, then a."""
+
+    async def _place_on_live_nodes(self, pool, replica_id, specs):
+        assert [s.instance_id for s in specs] == ["replica-big-0", "replica-big-0-gpu1"]
+        return ["b", "a"]
+
+
+def test_the_factory_starts_a_spread_replica_in_its_group_and_the_keeper_removes_it(cluster, tmp_path):
+    folder = tmp_path / "hf"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    spec = msgspec.convert({"name": "big", "backend": "vllm", "source": str(folder), "tensor_parallel_size": 2},
+                           ModelSpec)
+    factory = SpreadFactory(Settings(home=str(tmp_path)), None)
+    replica = asyncio.run(factory(ModelPool(spec=spec, threads=1, source_path=str(folder)), 0))
+    group = tp_groups.group_of(replica.actor)
+    assert replica.placed == ["b", "a"] and replica.node == "b" and not replica.shard_actors
+    assert group is not None and group.bundle_specs == tp_groups.bundles(["b", "a"])
+    ids = _node_ids()
+    table = ray.util.placement_group_table(group)
+    assert table["state"] == "CREATED" and list(table["bundles_to_node_id"].values()) == [ids["b"], ids["a"]]
+    # The actor itself then fails here (no vLLM), after it found its group: its error says what is missing.
+    with pytest.raises(ray.exceptions.RayActorError, match="vLLM"):
+        ray.get(replica.actor.warmup.remote(), timeout=60)
+    Keeper(make=None).retire(replica)
+    assert _state(group) == "REMOVED"
