@@ -4,6 +4,8 @@ and otherwise gets one placement-group bundle per worker on the worker's node an
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import msgspec
 import pytest
 
@@ -93,3 +95,31 @@ def test_the_scheduler_places_no_worker_when_the_gang_cannot_fit():
     result = place_all(_placer(("a", 30.0), ("b", 10.0)), _workers(2, 40.0))
     assert not result.placements and set(result.unplaced) == {"replica-big-0", "replica-big-0-gpu1"}
 
+
+
+class StandInAsyncLLM:
+    """AsyncLLM's two constructors, recording what they were given (vLLM itself needs a GPU)."""
+
+    @classmethod
+    def from_engine_args(cls, args):
+        return ("from_engine_args", args)
+
+    @classmethod
+    def from_vllm_config(cls, config, *, disable_log_stats):
+        return ("from_vllm_config", config, disable_log_stats)
+
+
+class StandInArgs:
+    disable_log_stats = True
+
+    def create_engine_config(self):
+        return SimpleNamespace(parallel_config=SimpleNamespace(placement_group=None))
+
+
+def test_a_group_reaches_the_engine_cores_parallel_config():
+    from services.inference.vllm_async import _async_llm
+
+    args = StandInArgs()
+    assert _async_llm(StandInAsyncLLM, args, None) == ("from_engine_args", args)
+    how, config, quiet = _async_llm(StandInAsyncLLM, args, "the group")
+    assert how == "from_vllm_config" and config.parallel_config.placement_group == "the group" and quiet
