@@ -158,16 +158,17 @@ def release(actor: Any) -> bool:
 
 
 def driver_env() -> dict[str, str]:
-    """Environment for the replica actor before it builds the engine in a group: the engine core's child
-    process joins this Ray cluster (its `ray.init()` reads RAY_ADDRESS), and CUDA_VISIBLE_DEVICES, which Ray
-    empties for an actor without GPUs, is dropped so vLLM still sees the platform (as vLLM's example does)."""
+    """Environment for the engine core's child process: it joins this Ray cluster (its `ray.init()` in
+    `initialize_ray_cluster` reads RAY_ADDRESS) instead of starting a Ray of its own."""
     import ray
 
     return {"RAY_ADDRESS": ray.get_runtime_context().gcs_address}
 
 
 def prepare_driver() -> Any:
-    """In the replica actor: the placement group it runs in, with the environment set for vLLM's engine core."""
+    """In the replica actor: the placement group it runs in, with the environment set for vLLM's engine core.
+    CUDA_VISIBLE_DEVICES, which Ray may empty for an actor without GPUs, is dropped so the engine still sees the
+    node's GPUs as a CUDA platform (vLLM's rlhf_colocate example does the same); the workers get theirs from Ray."""
     import ray
 
     group = ray.util.get_current_placement_group()
