@@ -85,7 +85,8 @@ class ModelFiles:
         """A store model's verified file on `node`, exactly `digest` (when given)."""
         request = ModelFetchRequest(name=spec.store_name, digest=digest)
         if self.nc is None:
-            return await self._direct(request)
+            raise Unavailable(f"model {spec.name} is in the bus's model store and this service has no bus",
+                              field="source")
         try:
             reply = await bus.request(self.nc, f"magi.node.{node}.models.fetch", request, ModelFetchReply,
                                       timeout=FETCH_TIMEOUT_S)
@@ -93,14 +94,14 @@ class ModelFiles:
             if not (exc.code == 503 and NO_RESPONDERS in exc.message and node == self.settings.node()):
                 raise
             return await self._direct(request)
+        if digest and reply.digest != digest:  # the agent checks this too; a replica must load exactly these bytes
+            raise Unprocessable(f"node {node} fetched {reply.digest} for {spec.name}, not {digest}", field="digest")
         log.info("model on node", extra={"model": spec.name, "node": node, "digest": reply.digest,
                                          "cached": reply.cached, "fetch_ms": reply.fetch_ms})
         return Weights(path=reply.path, digest=reply.digest, size=reply.size, store=spec.store_name)
 
     async def _direct(self, request: ModelFetchRequest) -> Weights:
-        if self.nc is None:
-            raise Unavailable(f"model {request.name} is in the bus's model store and this service has no bus",
-                              field="source")
+        assert self.nc is not None
         model, path = await modelstore.fetch(self.nc.jetstream(), request.name, self.cache, digest=request.digest,
                                              keep=frozenset(self.in_use))
         self.in_use.add(model.digest)

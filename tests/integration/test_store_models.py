@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+import msgspec
 import pytest
 import pytest_asyncio
 import yaml
@@ -22,9 +23,10 @@ from magi.procs import stop_tree
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply
 from protos.node import Heartbeat, ModelFetchReply, ModelFetchRequest
 from services.agent import service as agent_service
-from services.inference.catalog import resolve_source
+from services.inference.catalog import ModelSpec, resolve_source
+from services.inference.weights import ModelFiles
 from shared import bus, modelstore
-from shared.errors import BadRequest, Forbidden, MagiError, NotFound
+from shared.errors import BadRequest, Forbidden, MagiError, NotFound, Unavailable
 from tests.integration.inprocess import Running
 from tests.integration.private_stack import agent_servers
 
@@ -193,6 +195,27 @@ async def test_inference_may_ask_a_node_to_fetch_and_a_client_may_not(servers, s
     finally:
         await inference.close()
         await client.close()
+
+
+async def test_without_an_agent_the_service_fetches_for_its_own_node_alone(servers, smollm2, served, tmp_path):
+    """The inference service alone (no agent answers for its node) fetches into its own cache; a remote node
+    without an agent, or a catalogue digest the store does not hold, is refused."""
+    stored, _, _ = served
+    nc = await _as(servers, "inference")
+    try:
+        settings = msgspec.structs.replace(servers, node_name="lonely", home=str(tmp_path))
+        files = ModelFiles(settings, nc)
+        spec = ModelSpec(name="m", source=f"store:{NAME}", digest=stored.digest)
+        head = await files.head(spec)
+        assert head.digest == stored.digest and head.store == NAME
+        assert Path(head.path) == tmp_path.resolve() / "models" / f"{stored.digest.removeprefix('sha256:')}.gguf"
+        with pytest.raises(Unavailable):
+            await files.on_node(spec, "elsewhere", stored.digest)
+        with pytest.raises(NotFound) as refused:
+            await files.head(msgspec.structs.replace(spec, digest="sha256:" + "2" * 64))
+        assert refused.value.field == "digest"
+    finally:
+        await nc.close()
 
 
 async def _true(value: bool) -> bool:
