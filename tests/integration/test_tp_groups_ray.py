@@ -9,7 +9,11 @@ ReplicaFactory (the scheduler's answer fixed), which finds its group and then fa
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import pickle
+import subprocess
+import sys
 
 import msgspec
 import pytest
@@ -70,12 +74,36 @@ class Probe:
                 "gpus": ray.get_runtime_context().get_accelerator_ids()["GPU"],
                 "ray_address": os.environ.get("RAY_ADDRESS"), "gcs": ray.get_runtime_context().gcs_address}
 
+    def engine_core(self) -> list[str]:
+        """Where the workers of a child process like vLLM's engine core land (see ENGINE_CORE)."""
+        out = subprocess.run([sys.executable, "-c", ENGINE_CORE, pickle.dumps(self.group).hex()], env=os.environ,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stderr[-3000:]
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
     def start_workers(self) -> list:
         from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
         workers = [Worker.options(num_gpus=1, scheduling_strategy=PlacementGroupSchedulingStrategy(
             placement_group=self.group, placement_group_bundle_index=k)).remote() for k in range(2)]
         return ray.get([w.where.remote() for w in workers])
+
+
+# What vLLM's engine core does in its own process (AsyncLLM's child, a new Ray driver in no group): `ray.init()`
+# from the environment the replica set, then one GPU worker per bundle of the group it was handed.
+ENGINE_CORE = """
+import json, pickle, sys
+import ray
+group = pickle.loads(bytes.fromhex(sys.argv[1]))
+ray.init(log_to_driver=False)
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+@ray.remote(num_cpus=0, num_gpus=1)
+def where():
+    return ray.get_runtime_context().get_node_id()
+refs = [where.options(scheduling_strategy=PlacementGroupSchedulingStrategy(placement_group=group,
+        placement_group_bundle_index=k)).remote() for k in range(len(group.bundle_specs))]
+print(json.dumps(ray.get(refs, timeout=60)))
+"""
 
 
 def _node_ids() -> dict[str, str]:
@@ -99,6 +127,7 @@ def test_a_replica_across_nodes_runs_in_its_group_and_retiring_it_removes_the_gr
     assert driver["group"] == group.id.hex() and driver["ray_address"] == driver["gcs"]
     workers = ray.get(probe.start_workers.remote(), timeout=60)
     assert [node for node, _ in workers] == [ids["b"], ids["a"]] and all(len(g) == 1 for _, g in workers)
+    assert ray.get(probe.engine_core.remote(), timeout=180) == [ids["b"], ids["a"]]
 
     Keeper(make=None).retire(Replica(replica_id="big/0", actor=probe))
     assert _state(group) == "REMOVED" and tp_groups.group_of(probe) is None
