@@ -59,7 +59,9 @@ def worker_specs(base: str, tensor_parallel_size: int, *, ram_gb: float, model_g
                  extra: dict | None = None) -> list[InstanceSpec]:
     """One spec per GPU worker, all in gang `base`: worker 0 is the replica itself (its RAM and model fields),
     the rest ask for a GPU and their share of the weights in GPU memory, and prefer worker 0's node, so the
-    scheduler keeps the workers on one node unless one node cannot hold them."""
+    scheduler keeps the workers on one node unless one node cannot hold them. Each worker is a process, so it
+    counts toward its node's `max_instances` (4 unless the agent's label says more: raise it on GPU nodes that
+    should hold more workers)."""
     share = round(model_gb / tensor_parallel_size * WORKER_GPU_MEMORY_FACTOR, 3)
     first = InstanceSpec(instance_id=base, ram_gb=ram_gb, gpu_required=True, gpu_memory_gb=share, group=base,
                          **(extra or {}))
