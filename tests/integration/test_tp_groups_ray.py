@@ -37,20 +37,23 @@ def cluster():
     from ray._private import ray_constants
     from ray.cluster_utils import Cluster
 
-    if ray_constants.ENABLE_RAY_CLUSTER:  # Ray was imported before ray_runtime set its loopback switch
-        pytest.skip("Ray was imported without RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0; it would listen beyond loopback")
-    env = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_ADDRESS")}
+    # Ray's loopback switch (ray_runtime.py): in the environment for the Ray processes the cluster starts, and
+    # in this process's copy, read when Ray was imported (perhaps by an earlier test, before it was set).
+    patch = pytest.MonkeyPatch()
+    patch.setenv("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    patch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    patch.delenv("RAY_ADDRESS", raising=False)
     nodes = Cluster(initialize_head=True, head_node_args=dict(
         num_cpus=1, num_gpus=1, resources={"magi_node:a": 1000}, include_dashboard=False))
-    nodes.add_node(num_cpus=1, num_gpus=1, resources={"magi_node:b": 1000})
-    nodes.wait_for_nodes()
-    ray.init(address=nodes.address, namespace="magi-test", log_to_driver=False)
     try:
+        nodes.add_node(num_cpus=1, num_gpus=1, resources={"magi_node:b": 1000})
+        nodes.wait_for_nodes()
+        ray.init(address=nodes.address, namespace="magi-test", log_to_driver=False)
         yield nodes
     finally:
         ray.shutdown()
         nodes.shutdown()
-        os.environ.update(env)
+        patch.undo()
 
 
 @ray.remote(num_cpus=0)
