@@ -28,11 +28,14 @@ from benchmarks.gateway import measure_gateway
 from benchmarks.infer import measure_tokens_per_s
 from benchmarks.load import measure_load
 from benchmarks.memory import measure_memory_recall, measure_memory_scale
+from benchmarks.model_fetch import measure_model_fetch
+from benchmarks.model_scale import measure_model_scale
 from benchmarks.overhead import measure_overhead
 from benchmarks.parallel import measure_parallel_speedup
 from benchmarks.rpc import measure_rpc_ratio
 from benchmarks.sched import measure_placement
 from benchmarks.seed import measure_seed_table
+from benchmarks.vllm_bench import measure_vllm
 from magi import stack
 from magi.procs import free_port
 from magi.table import render
@@ -91,6 +94,12 @@ GROUPS = [
     Group("overhead", "mission overhead outside the engines (tiny generations)", lambda r: measure_overhead(progress)),
     Group("load", "load curves: generate and missions at concurrency 1, 4, 16, 64; refusals past the bounds",
           lambda r: measure_load(progress)),
+    Group("model_fetch", "model store download into a node cache vs reading and hashing the file",
+          lambda r: measure_model_fetch(progress)),
+    Group("scale", "a model scaled up at run time vs its load time measured directly",
+          lambda r: measure_model_scale(progress)),
+    Group("vllm", "vLLM through MAGI vs AsyncLLM in one process; 16 at once vs one at a time (skipped without vLLM "
+                  "and a CUDA GPU)", lambda r: measure_vllm(progress)),
 ]
 
 

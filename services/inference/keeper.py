@@ -230,5 +230,5 @@ class Keeper:
 
 def _adopt(replica: Replica, fresh: Replica) -> None:
     replica.actor, replica.shards, replica.shard_actors = fresh.actor, fresh.shards, fresh.shard_actors
-    replica.revision = fresh.revision
+    replica.revision, replica.digest = fresh.revision, fresh.digest
     replica.placed, replica.node, replica.pid, replica.state = fresh.placed, fresh.node, fresh.pid, fresh.state

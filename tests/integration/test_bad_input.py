@@ -28,6 +28,7 @@ WRONG_TYPES = {
     "magi.sched.drain": (b'{"node": "no spaces allowed"}', "node"),
     "magi.sched.rebalance": (b'{"budget_s": -1}', "budget_s"),
     "magi.sched.assignments.testnode": (b'{"node": 7}', "node"),
+    "magi.node.testnode.models.fetch": (b'{"name": 7}', "name"),
 }
 MISSING_FIELDS = {
     "magi.mission.run": "prompt",
@@ -40,6 +41,7 @@ MISSING_FIELDS = {
     "magi.sched.release": "instance_ids",
     "magi.sched.drain": "node",
     "magi.sched.assignments.testnode": "node",
+    "magi.node.testnode.models.fetch": "name",
 }
 SERVICES = ["magi-agent", "magi-scheduler", "magi-inference", "magi-memory", "magi-consensus", "magi-orchestrator"]
 

@@ -29,7 +29,10 @@ def test_readme_permissions_table_is_current():
 
 def test_an_agent_may_publish_only_for_its_own_node():
     perms = roles.permissions("agent-rpi1")
-    assert perms.pub_allow == ["magi.node.rpi1.>", "magi.sched.assignments.rpi1"]
+    assert perms.pub_allow[:2] == ["magi.node.rpi1.>", "magi.sched.assignments.rpi1"]
+    # The rest reads the model store (to fetch models for its node's replicas), which it can never write.
+    assert all("OBJ_magi-models" in s or s == "$JS.API.STREAM.NAMES" for s in perms.pub_allow[2:])
+    assert not any(s.startswith("$O.") for s in perms.pub_allow)
     assert all("rpi1" in s or s.startswith("$SRV") for s in perms.sub_allow)
     with pytest.raises(ValueError):
         roles.permissions("agent-a.b")
@@ -51,7 +54,11 @@ def test_clients_and_services_with_free_outputs_never_reach_control_subjects():
     assert {"magi.>", "_MAGI.>", "$SRV.>"} <= set(client.sub_deny)
     for identity in ("inference", "orchestrator"):
         deny = roles.permissions(identity).pub_deny
-        assert {"$SYS.>", "_MAGI.>", "magi.node.>"} <= set(deny), identity
+        assert {"$SYS.>", "_MAGI.>"} <= set(deny), identity
+    assert "magi.node.>" in roles.permissions("orchestrator").pub_deny
+    # Inference asks a node's agent to fetch a model, and nothing else of a node; it never writes a model.
+    assert {"magi.node.*.*", "magi.node.*.logs.>", "magi.node.*.*.*.>", "$O.>"} <= set(
+        roles.permissions("inference").pub_deny)
     assert "$JS.API.STREAM.DELETE.>" in roles.permissions("orchestrator").pub_deny
 
 
