@@ -16,6 +16,9 @@ class InstanceSpec(msgspec.Struct, kw_only=True):
     gpu_required: bool = False
     gpu_preferred: bool = False
     gpu_memory_gb: Gb = 0.0
+    # GPUs the instance holds exclusively (a vLLM worker holds one): a node takes no more of them than it has
+    # (Heartbeat.gpus). 0: none, or not counted. An instance with gpus >= 1 needs a GPU node, gpu_required or not.
+    gpus: Annotated[int, msgspec.Meta(ge=0)] = 0
     affinity: list[str] = []
     anti_affinity: list[str] = []
     preferred_node: str = ""

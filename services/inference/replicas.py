@@ -90,6 +90,7 @@ def replica_specs(pool: ModelPool, replica_id: str) -> list[InstanceSpec]:
                                       model_gb=model_gb(pool.source_path), extra=model_fields(pool))
     return [InstanceSpec(instance_id=instance_id(replica_id), ram_gb=replica_ram_gb(pool.source_path, cells),
                          gpu_required=pool.spec.gpus > 0,  # vLLM, or llama.cpp with n_gpu_layers
+                         gpus=pool.spec.gpus,  # held for the replica's life: a node takes no more than it has
                          **model_fields(pool))]
 
 

@@ -63,9 +63,9 @@ def worker_specs(base: str, tensor_parallel_size: int, *, ram_gb: float, model_g
     counts toward its node's `max_instances` (4 unless the agent's label says more: raise it on GPU nodes that
     should hold more workers)."""
     share = round(model_gb / tensor_parallel_size * WORKER_GPU_MEMORY_FACTOR, 3)
-    first = InstanceSpec(instance_id=base, ram_gb=ram_gb, gpu_required=True, gpu_memory_gb=share, group=base,
+    first = InstanceSpec(instance_id=base, ram_gb=ram_gb, gpu_required=True, gpu_memory_gb=share, gpus=1, group=base,
                          **(extra or {}))
-    rest = [InstanceSpec(instance_id=f"{base}-gpu{k}", ram_gb=0.05, gpu_required=True, gpu_memory_gb=share,
+    rest = [InstanceSpec(instance_id=f"{base}-gpu{k}", ram_gb=0.05, gpu_required=True, gpu_memory_gb=share, gpus=1,
                          group=base, affinity=[base]) for k in range(1, tensor_parallel_size)]
     return [first, *rest]
 

@@ -14,7 +14,7 @@ from itertools import groupby
 
 from protos.sched import InstanceSpec
 from services.scheduler.cluster import DEFAULT_BUDGET_S
-from services.scheduler.placement import PlacementResult, Placer
+from services.scheduler.placement import PlacementResult, Placer, needs_gpu
 from services.scheduler.solver import solve
 
 SEARCH_MAX_INSTANCES = 2_000  # above this, greedy alone (the exact model grows with instances x nodes)
@@ -22,8 +22,8 @@ SEARCH_MAX_PAIRS = 200_000  # instance-node pairs the exact model may hold
 
 
 def difficulty(spec: InstanceSpec) -> tuple:
-    """Hardest first: GPU required, then most GPU memory, then most RAM; the id breaks ties."""
-    return (not spec.gpu_required, -spec.gpu_memory_gb, -spec.ram_gb, not spec.gpu_preferred, spec.instance_id)
+    """Hardest first: GPU required, then most GPUs held, most GPU memory, most RAM; the id breaks ties."""
+    return (not needs_gpu(spec), -spec.gpus, -spec.gpu_memory_gb, -spec.ram_gb, not spec.gpu_preferred, spec.instance_id)
 
 
 def place_all(placer: Placer, instances: list[InstanceSpec], explicit: dict[str, str] | None = None, *,

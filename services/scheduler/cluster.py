@@ -26,6 +26,9 @@ class NodeConfig(msgspec.Struct, kw_only=True, forbid_unknown_fields=True):
     ram_gb: Annotated[float, msgspec.Meta(gt=0)]
     gpu: bool = False
     gpu_memory_gb: Gb = 0.0
+    # GPUs on the node (the heartbeat's list): instances that hold GPUs (InstanceSpec.gpus) take no more than
+    # these. 0: not known, not limited (GPU memory still is).
+    gpu_count: Annotated[int, msgspec.Meta(ge=0)] = 0
     cpu_cores: Annotated[int, msgspec.Meta(ge=1)] = 1
     max_instances: Annotated[int, msgspec.Meta(ge=0)] = 4
     reserved_ram_gb: Gb = 0.0
@@ -181,6 +184,8 @@ def _semantic_problems(parsed: Any) -> list[str]:
                 problems.append(f"nodes[{i}].reserved_ram_gb: must be less than ram_gb ({item.ram_gb})")
             if item.gpu_memory_gb and not item.gpu:
                 problems.append(f"nodes[{i}].gpu_memory_gb: set but gpu is false")
+            if item.gpu_count and not item.gpu:
+                problems.append(f"nodes[{i}].gpu_count: set but gpu is false")
     return problems
 
 

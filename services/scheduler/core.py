@@ -47,7 +47,7 @@ MAX_EPOCH = 2**52
 def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
     reserved = float(hb.labels.get("reserved_ram_gb", 0) or 0)
     return NodeConfig(name=hb.node, host=hb.host or "127.0.0.1", ram_gb=max(hb.ram_total_gb, 0.001),
-                      gpu=bool(hb.gpus), gpu_memory_gb=sum(g.memory_total_gb for g in hb.gpus),
+                      gpu=bool(hb.gpus), gpu_memory_gb=sum(g.memory_total_gb for g in hb.gpus), gpu_count=len(hb.gpus),
                       cpu_cores=max(hb.cpu_count, 1), max_instances=max_instances(hb),
                       reserved_ram_gb=min(reserved, max(hb.ram_total_gb - 0.001, 0.0)),
                       models=list(hb.models), model_room_gb=hb.model_room_gb)

@@ -14,12 +14,12 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from protos.sched import InstanceSpec
-from services.scheduler.placement import Placer
+from services.scheduler.placement import Placer, needs_gpu
 
 # In the order `Placer.why_not` checks them.
-CONSTRAINTS = ("healthy", "max_instances", "gpu", "ram", "gpu_memory", "model_disk", "anti_affinity")
+CONSTRAINTS = ("healthy", "max_instances", "gpu", "ram", "gpu_memory", "gpus", "model_disk", "anti_affinity")
 # On a tie, what is full (capacity taken by what is placed) binds before what a node simply lacks.
-TIE_ORDER = ("ram", "gpu_memory", "model_disk", "max_instances", "anti_affinity", "gpu", "healthy")
+TIE_ORDER = ("ram", "gpu_memory", "gpus", "model_disk", "max_instances", "anti_affinity", "gpu", "healthy")
 
 
 @dataclass
@@ -75,10 +75,11 @@ def _broken(placer: Placer, spec: InstanceSpec) -> dict[str, np.ndarray]:
     return {
         "healthy": ~placer.healthy,
         "max_instances": placer.count >= placer.max_instances,
-        "gpu": ~placer.gpu if spec.gpu_required else none,
+        "gpu": ~placer.gpu if needs_gpu(spec) else none,
         "ram": placer.usable - placer.ram_alloc < spec.ram_gb - 1e-9,
         "gpu_memory": (spec.gpu_memory_gb > 0) & (~placer.gpu | (placer.gpu_total - placer.gpu_alloc
                                                                   < spec.gpu_memory_gb - 1e-9)),
+        "gpus": placer.short_of_gpus(spec),
         "model_disk": placer.no_room(spec),
         "anti_affinity": anti,
     }
@@ -96,6 +97,8 @@ def _words(placer: Placer, spec: InstanceSpec, n: int, constraint: str) -> str:
     if constraint == "gpu_memory":
         free = placer.gpu_total[n] - placer.gpu_alloc[n] if placer.gpu[n] else 0.0
         return f"{free:.1f} GB GPU memory free, needs {spec.gpu_memory_gb:g}"
+    if constraint == "gpus":
+        return f"{placer.gpu_count[n] - placer.gpu_used[n]} of {placer.gpu_count[n]} GPUs free, needs {spec.gpus}"
     if constraint == "model_disk":
         return f"room for {placer.model_room[n]:.1f} GB of models, the model to download is {spec.download_gb:g}"
     peers = sorted(o for o in placer.anti.get(spec.instance_id, ()) if placer.where.get(o) == n)

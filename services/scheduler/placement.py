@@ -2,7 +2,7 @@
 
 Hard constraints (a placement that breaks one never happens): the node is healthy and below
 max_instances; RAM after reserved_ram_gb and what is already allocated; GPU required but none; GPU
-memory; room for a model the node's cache lacks (download_gb); anti-affinity (symmetric). Among the nodes
+memory; GPUs held exclusively (`gpus`, where the node's GPU count is known); room for a model the node's cache lacks (download_gb); anti-affinity (symmetric). Among the nodes
 left, a 0-100 score with the seed's weights picks one (a node holding the model wins a tie); model-serving coordinators use seed 001's score instead (free RAM + GPU memory + 5 GB GPU bonus
 - model size). Scores are computed for all nodes at once with numpy, so one placement costs tens of
 microseconds at a thousand nodes.
@@ -39,6 +39,11 @@ class PlacementResult:
     explanations: dict = field(default_factory=dict)  # instance id -> explain.Explanation, when asked
 
 
+def needs_gpu(spec: InstanceSpec) -> bool:
+    """An instance that holds a GPU needs a GPU node, whether or not it says gpu_required."""
+    return spec.gpu_required or spec.gpus > 0
+
+
 def coordinator_score_mb(free_ram_gb: float, gpu_memory_gb: float, gpu: bool, model_size_gb: float) -> float:
     """Seed 001, in its MB units: 128 GB RAM + 24 GB GPU for a 143,360 MB model scores 13,640."""
     return (free_ram_gb + gpu_memory_gb + (GPU_BONUS_GB if gpu else 0.0) - model_size_gb) * 1000.0
@@ -57,12 +62,14 @@ class Placer:
         self.usable = np.array([n.ram_gb - n.reserved_ram_gb for n in nodes], dtype=float)
         self.gpu = np.array([n.gpu for n in nodes], dtype=bool)
         self.gpu_total = np.array([n.gpu_memory_gb for n in nodes], dtype=float)
+        self.gpu_count = np.array([n.gpu_count for n in nodes], dtype=np.int64)  # 0: not known, not limited
         self.max_instances = np.array([n.max_instances for n in nodes], dtype=np.int64)
         self.healthy = np.array([n.name not in unavailable for n in nodes], dtype=bool)
         self.models = [frozenset(n.models) for n in nodes]
         self.model_room = np.array([np.inf if n.model_room_gb is None else n.model_room_gb for n in nodes], dtype=float)
         self.ram_alloc = np.zeros(len(nodes))
         self.gpu_alloc = np.zeros(len(nodes))
+        self.gpu_used = np.zeros(len(nodes), dtype=np.int64)
         self.count = np.zeros(len(nodes), dtype=np.int64)
         self.where: dict[str, int] = {}
         self.specs: dict[str, InstanceSpec] = {}
@@ -75,6 +82,7 @@ class Placer:
         self.specs[spec.instance_id] = spec
         self.ram_alloc[node] += spec.ram_gb
         self.gpu_alloc[node] += spec.gpu_memory_gb
+        self.gpu_used[node] += spec.gpus
         self.count[node] += 1
 
     def unassign(self, instance_id: str) -> InstanceSpec:
@@ -82,6 +90,7 @@ class Placer:
         spec = self.specs.pop(instance_id)
         self.ram_alloc[node] -= spec.ram_gb
         self.gpu_alloc[node] -= spec.gpu_memory_gb
+        self.gpu_used[node] -= spec.gpus
         self.count[node] -= 1
         return spec
 
@@ -96,16 +105,23 @@ class Placer:
     def feasible(self, spec: InstanceSpec) -> np.ndarray:
         mask = self.healthy & (self.count < self.max_instances)
         mask &= self.usable - self.ram_alloc >= spec.ram_gb - 1e-9
-        if spec.gpu_required:
+        if needs_gpu(spec):
             mask &= self.gpu
         if spec.gpu_memory_gb > 0:
             mask &= self.gpu & (self.gpu_total - self.gpu_alloc >= spec.gpu_memory_gb - 1e-9)
+        if spec.gpus > 0:
+            mask &= ~self.short_of_gpus(spec)
         mask &= ~self.no_room(spec)
         for other in self.anti.get(spec.instance_id, ()):
             node = self.where.get(other)
             if node is not None:
                 mask[node] = False
         return mask
+
+    def short_of_gpus(self, spec: InstanceSpec) -> np.ndarray:
+        """Nodes whose known GPU count, less the GPUs held by what is placed, is below the instance's `gpus`
+        (a node that does not report its GPUs is not limited: its GPU memory still is)."""
+        return (spec.gpus > 0) & (self.gpu_count > 0) & (self.gpu_count - self.gpu_used < spec.gpus)
 
     def holds(self, spec: InstanceSpec) -> np.ndarray:
         """Nodes whose model cache holds the instance's model already."""
@@ -130,7 +146,7 @@ class Placer:
         distance = np.maximum(low - util, 0.0) + np.maximum(util - high, 0.0)
         score = w.resource_efficiency * np.clip(1.0 - distance / low, 0.0, 1.0)
         score += w.load_balancing * (1.0 - self.count / np.maximum(self.max_instances, 1))
-        if spec.gpu_required or spec.gpu_preferred or spec.gpu_memory_gb > 0:
+        if needs_gpu(spec) or spec.gpu_preferred or spec.gpu_memory_gb > 0:
             score += np.where(self.gpu, w.gpu_preference, 0.0)
         else:  # keep GPU nodes for the instances that need them
             score += np.where(self.gpu, w.gpu_preference / 3.0, w.gpu_preference)
@@ -163,13 +179,14 @@ class Placer:
         return f"no node fits ({'; '.join(shown)}{f'; and {more} more' if more else ''})"
 
     def _first_failures(self, spec: InstanceSpec) -> np.ndarray:
-        """Per node, the first hard constraint it breaks (0-5, or 6: only anti-affinity), vectorised."""
+        """Per node, the first hard constraint it breaks (0-6, or 7: only anti-affinity), vectorised."""
         checks = [
             ~self.healthy,
             self.count >= self.max_instances,
-            ~self.gpu if spec.gpu_required else np.zeros(len(self.names), dtype=bool),
+            ~self.gpu if needs_gpu(spec) else np.zeros(len(self.names), dtype=bool),
             self.usable - self.ram_alloc < spec.ram_gb - 1e-9,
             (spec.gpu_memory_gb > 0) & (~self.gpu | (self.gpu_total - self.gpu_alloc < spec.gpu_memory_gb - 1e-9)),
+            self.short_of_gpus(spec),
             self.no_room(spec),
         ]
         first = np.full(len(self.names), len(checks), dtype=np.int64)
@@ -191,5 +208,8 @@ class Placer:
             free = self.gpu_total[i] - self.gpu_alloc[i] if self.gpu[i] else 0.0
             return f"{name} has {free:.1f} GB GPU memory free, needs {spec.gpu_memory_gb:g}"
         if code == 5:
+            free_gpus = self.gpu_count[i] - self.gpu_used[i]
+            return f"{name} has {free_gpus} of {self.gpu_count[i]} GPUs free, needs {spec.gpus}"
+        if code == 6:
             return f"{name} has room for {self.model_room[i]:.1f} GB of models, the model to download is {spec.download_gb:g}"
         return f"{name} holds an anti-affine instance"

@@ -117,6 +117,9 @@ class _Model:
             if gpu:
                 model.Add(sum(_milli_up(s.gpu_memory_gb) * v for s, v in gpu)
                           <= _milli_down(placer.gpu_total[n] - placer.gpu_alloc[n]))
+            holders = [(s, v) for s, v in here if s.gpus > 0] if placer.gpu_count[n] > 0 else []
+            if holders:  # GPUs held exclusively, where the node's count is known
+                model.Add(sum(s.gpus * v for s, v in holders) <= int(placer.gpu_count[n] - placer.gpu_used[n]))
         for a, b in self._anti_pairs():
             for n in self.vars[a].keys() & self.vars[b].keys():
                 model.AddBoolOr([self.vars[a][n].Not(), self.vars[b][n].Not()])

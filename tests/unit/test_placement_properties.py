@@ -22,6 +22,7 @@ def clusters(draw, max_nodes=6):
         ram = draw(st.sampled_from([4.0, 8.0, 16.0, 64.0]))
         gpu = draw(st.booleans())
         nodes.append(NodeConfig(name=f"node{i}", ram_gb=ram, gpu=gpu, gpu_memory_gb=draw(st.sampled_from([8.0, 24.0])) if gpu else 0.0,
+                                gpu_count=draw(st.sampled_from([0, 1, 2])) if gpu else 0,  # 0: not known
                                 max_instances=draw(st.integers(0, 4)), reserved_ram_gb=draw(st.sampled_from([0.0, 1.0]))))
     unavailable = draw(st.sets(st.sampled_from([n.name for n in nodes])))
     return nodes, unavailable
@@ -36,6 +37,7 @@ def instance_sets(draw, node_names, max_instances=8):
         specs.append(InstanceSpec(
             instance_id=iid, ram_gb=draw(st.sampled_from([0.5, 1.0, 2.0, 4.0, 8.0, 12.0])),
             gpu_required=draw(st.booleans()), gpu_memory_gb=draw(st.sampled_from([0.0, 0.0, 4.0, 16.0])),
+            gpus=draw(st.sampled_from([0, 0, 1, 2])),
             anti_affinity=draw(st.lists(st.sampled_from(ids), max_size=2, unique=True)),
             affinity=draw(st.lists(st.sampled_from(ids), max_size=1)),
             preferred_node=draw(st.sampled_from(["", *node_names])),
@@ -54,7 +56,8 @@ def check_hard_constraints(nodes, unavailable, specs, placements):
         assert len(here) <= node.max_instances
         assert sum(s.ram_gb for s in here) <= node.ram_gb - node.reserved_ram_gb + 1e-9
         assert sum(s.gpu_memory_gb for s in here) <= node.gpu_memory_gb + 1e-9
-        assert node.gpu or not any(s.gpu_required or s.gpu_memory_gb for s in here)
+        assert node.gpu or not any(s.gpu_required or s.gpu_memory_gb or s.gpus for s in here)
+        assert not node.gpu_count or sum(s.gpus for s in here) <= node.gpu_count, "more GPUs held than the node has"
         ids = {s.instance_id for s in here}
         for s in here:
             assert not (set(s.anti_affinity) - {s.instance_id}) & ids, "anti-affinity broken"
