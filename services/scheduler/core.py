@@ -53,6 +53,13 @@ def node_from_heartbeat(hb: Heartbeat) -> NodeConfig:
                       models=list(hb.models), model_room_gb=hb.model_room_gb)
 
 
+def with_reported(node: NodeConfig, hb: Heartbeat) -> NodeConfig:
+    """A configured node's model cache is still what its agent reports, and so is its GPU count where the
+    cluster file leaves it unknown (0) for a GPU node."""
+    gpu_count = node.gpu_count or (len(hb.gpus) if node.gpu else 0)
+    return msgspec.structs.replace(node, models=list(hb.models), model_room_gb=hb.model_room_gb, gpu_count=gpu_count)
+
+
 class SchedulerCore:
     def __init__(self, registry: NodeRegistry, store: PlacementStore, lease: Lease,
                  configured: list[NodeConfig] | None = None, weights: Weights | None = None,
@@ -118,9 +125,7 @@ class SchedulerCore:
         nodes = dict(self.configured)
         for st in states:
             nodes.setdefault(st.name, node_from_heartbeat(st.heartbeat))
-            hb = st.heartbeat  # a configured node's model cache is still what its agent reports
-            nodes[st.name] = msgspec.structs.replace(nodes[st.name], models=list(hb.models),
-                                                     model_room_gb=hb.model_room_gb)
+            nodes[st.name] = with_reported(nodes[st.name], st.heartbeat)
         status = {st.name: st.status for st in states}
         unavailable = {name for name in nodes if status.get(name, "UNAVAILABLE") not in PLACEABLE}
         return list(nodes.values()), unavailable, states

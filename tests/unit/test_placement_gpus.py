@@ -11,8 +11,8 @@ from services.inference.catalog import ModelSpec
 from services.inference.pool import ModelPool
 from services.inference.replicas import replica_specs
 from services.scheduler.batch import place_all
-from services.scheduler.cluster import NodeConfig, validate, ClusterConfig
-from services.scheduler.core import node_from_heartbeat
+from services.scheduler.cluster import ClusterConfig, NodeConfig, validate
+from services.scheduler.core import node_from_heartbeat, with_reported
 from services.scheduler.placement import Placer
 from services.scheduler.planning import plan
 from services.scheduler.solver import solve
@@ -81,7 +81,8 @@ def test_explain_names_gpus_as_the_binding_constraint():
     assert len(result.placements) == 2 and set(result.placements.values()) == {"b"}
     [late] = result.unplaced
     why = result.explanations[late]
-    assert why.binding == "gpus" and why.nodes == {"a": ["0 of 1 GPUs free, needs 1"], "b": ["0 of 2 GPUs free, needs 1"]}
+    assert why.binding == "gpus"
+    assert why.nodes == {"a": ["0 of 1 GPUs free, needs 1"], "b": ["0 of 2 GPUs free, needs 1"]}
     assert "relaxing it alone would open 2 of 2 nodes" in why.summary
 
 
@@ -97,8 +98,8 @@ def test_the_solver_places_no_more_gpus_on_a_node_than_are_free():
 
 def test_the_solver_counts_an_instance_holding_several_gpus_as_that_many():
     placer = Placer([gpu_node("a", 4)])
-    specs = [InstanceSpec(instance_id="pair1", ram_gb=1.0, gpus=2), InstanceSpec(instance_id="pair2", ram_gb=1.0, gpus=2),
-             InstanceSpec(instance_id="triple", ram_gb=1.0, gpus=3)]
+    specs = [InstanceSpec(instance_id=name, ram_gb=1.0, gpus=gpus) for name, gpus in
+             [("pair1", 2), ("pair2", 2), ("triple", 3)]]
     solved = solve(placer, specs, budget_s=5.0, score=False)
     assert solved is not None and solved.count_proven and sorted(solved.where) == ["pair1", "pair2"]
 
@@ -108,6 +109,13 @@ def test_a_heartbeat_gives_its_gpu_count():
     node = node_from_heartbeat(Heartbeat(node="g", seq=1, sent_at=0.0, ram_total_gb=64.0, gpus=gpus))
     assert node.gpu and node.gpu_count == 2 and node.gpu_memory_gb == 160.0
     assert node_from_heartbeat(Heartbeat(node="c", seq=1, sent_at=0.0, ram_total_gb=8.0)).gpu_count == 0
+
+
+def test_a_configured_gpu_node_takes_its_gpu_count_from_the_heartbeat_unless_the_file_gives_one():
+    hb = Heartbeat(node="g", seq=1, sent_at=0.0, ram_total_gb=64.0, gpus=[GpuInfo(name="A", memory_total_gb=24.0)] * 3)
+    assert with_reported(gpu_node("g", 0), hb).gpu_count == 3
+    assert with_reported(gpu_node("g", 2), hb).gpu_count == 2  # the file's figure wins, as for RAM
+    assert with_reported(NodeConfig(name="g", ram_gb=64.0), hb).gpu_count == 0  # the file says no GPU
 
 
 def test_a_cluster_file_refuses_a_gpu_count_on_a_node_without_gpu():
