@@ -12,14 +12,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import tempfile
 import time
-from pathlib import Path
 
-import yaml
-
-from magi import stack
-from magi.procs import free_port
+from benchmarks.stacks import inference_only
 from protos.infer import ChatMessage, GenerateReply, GenerateRequest
 from shared import bus
 
@@ -82,22 +77,10 @@ def _same_as_sequential(answers: dict[str, list[list[str]]], model: str) -> floa
 
 
 async def measure_batch_speedup(progress=lambda _m: None, rounds: int = 3) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="magi-batch-") as tmp:
-        home = Path(tmp)
-        (home / "models.yaml").write_text(yaml.safe_dump(_catalogue()))
-        cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
-                                extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
-        state = await stack.up(cfg, progress)
-        try:
-            nc = await stack.connect_as(state.home, state.nats_url)
-            try:
-                for model in MODELS:  # untimed: first calls pay one-off costs
-                    await _burst(nc, model, QUESTIONS[:2])
-                totals, answers = await _rounds(nc, rounds, progress)
-            finally:
-                await nc.close()
-        finally:
-            stack.down(home, progress)
+    async with inference_only(_catalogue(), progress, "magi-batch-") as nc:
+        for model in MODELS:  # untimed: first calls pay one-off costs
+            await _burst(nc, model, QUESTIONS[:2])
+        totals, answers = await _rounds(nc, rounds, progress)
     rate = {k: tokens / seconds for k, (tokens, seconds) in totals.items()}
     log.info("batch benchmark", extra={"totals": totals})
     return {

@@ -17,14 +17,9 @@ from __future__ import annotations
 import asyncio
 import logging
 import statistics
-import tempfile
 import time
-from pathlib import Path
 
-import yaml
-
-from magi import stack
-from magi.procs import free_port
+from benchmarks.stacks import inference_only
 from protos.infer import GenerateReply, GenerateRequest, ModelsReply
 from services.inference import livecatalog
 from services.inference.catalog import ModelSpec, resolve_source
@@ -94,22 +89,10 @@ async def _rounds(nc, rounds: int, progress) -> dict[str, list[float]]:
 
 
 async def measure_model_scale(progress=lambda _m: None, rounds: int = ROUNDS) -> dict[str, float]:
-    with tempfile.TemporaryDirectory(prefix="magi-model-scale-") as tmp:
-        home = Path(tmp)
-        (home / "models.yaml").write_text(yaml.safe_dump({"models": [
-            {"name": SPEC.name, "source": SPEC.source, "roles": SPEC.roles, "threads": SPEC.threads,
-             "n_ctx": SPEC.n_ctx, "replicas": SPEC.replicas}]}))
-        cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
-                                extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
-        state = await stack.up(cfg, progress)
-        try:
-            nc = await stack.connect_as(state.home, state.nats_url)
-            try:
-                samples = await _rounds(nc, rounds, progress)
-            finally:
-                await nc.close()
-        finally:
-            stack.down(home, progress)
+    catalogue = {"models": [{"name": SPEC.name, "source": SPEC.source, "roles": SPEC.roles, "threads": SPEC.threads,
+                             "n_ctx": SPEC.n_ctx, "replicas": SPEC.replicas}]}
+    async with inference_only(catalogue, progress, "magi-model-scale-") as nc:
+        samples = await _rounds(nc, rounds, progress)
     up, load, down = (statistics.median(samples[k]) for k in ("up", "load", "down"))
     figures = {"models.scale_up_s": round(up, 3), "models.load_s": round(load, 3),
                "models.scale_up_over_load_s": round(up - load, 3),

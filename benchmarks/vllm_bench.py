@@ -23,11 +23,8 @@ import tempfile
 import time
 from pathlib import Path
 
-import yaml
-
+from benchmarks.stacks import inference_only
 from benchmarks.tiny_llama import build_tiny_llama, prompt_words
-from magi import stack
-from magi.procs import free_port
 from protos.infer import ChatMessage, GenerateReply, GenerateRequest
 from services.inference.engine import GenerateParams
 from services.inference.vllm_async import chat_token_ids, sampling_kwargs
@@ -129,20 +126,8 @@ async def _magi_phase(model: str, progress) -> tuple[int, float, float, float]:
     """Sequential tokens and seconds; best one-at-a-time and at-once rates of BURST requests."""
     catalogue = {"models": [{"name": MODEL, "backend": "vllm", "source": model, "roles": ["heavy", "fast"],
                              "n_ctx": N_CTX, "max_batch": MAX_BATCH}]}
-    with tempfile.TemporaryDirectory(prefix="magi-vllm-") as tmp:
-        home = Path(tmp)
-        (home / "models.yaml").write_text(yaml.safe_dump(catalogue))
-        cfg = stack.StackConfig(home=home, nats_port=free_port(), redis_port=free_port(), services=("inference",),
-                                extra_env={"MAGI_MODELS_FILE": str(home / "models.yaml")})
-        state = await stack.up(cfg, progress)
-        try:
-            nc = await stack.connect_as(state.home, state.nats_url)
-            try:
-                return await _magi_rounds(nc, progress)
-            finally:
-                await nc.close()
-        finally:
-            stack.down(home, progress)
+    async with inference_only(catalogue, progress, "magi-vllm-") as nc:
+        return await _magi_rounds(nc, progress)
 
 
 async def _magi_rounds(nc, progress) -> tuple[int, float, float, float]:

@@ -15,20 +15,14 @@ import pytest
 
 from benchmarks.tiny_llama import build_tiny_llama
 from services.inference.engine import GenerateParams
+from tests.gpu.devices import vllm_gpus
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
 
-def _gpus() -> int:
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-GPUS = _gpus()
+GPUS = vllm_gpus()
 if not GPUS:
     pytest.skip("needs vLLM (the `gpu` extra) and a CUDA GPU", allow_module_level=True)
 

@@ -16,20 +16,14 @@ import pytest
 
 from benchmarks.tiny_llama import build_tiny_llama, prompt_words
 from services.inference.engine import GenerateParams
+from tests.gpu.devices import vllm_gpus
 
 pytestmark = [pytest.mark.gpu, pytest.mark.timeout(900)]
 
 
-def _gpus() -> int:
-    try:
-        import torch
-        import vllm  # noqa: F401
-    except ImportError:
-        return 0
-    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
-if _gpus() < 2:
+if vllm_gpus() < 2:
     pytest.skip("needs vLLM (the `gpu` extra) and two CUDA GPUs on this node", allow_module_level=True)
 
 PROMPTS = 16

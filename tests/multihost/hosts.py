@@ -11,6 +11,7 @@ import shutil
 import signal
 import subprocess
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -169,3 +170,27 @@ def apply_firewall(host: Host, rules: Path) -> None:
     done = subprocess.run(["ip", "netns", "exec", host.ns, "nft", "-f", str(rules)], capture_output=True, text=True)
     if done.returncode != 0:
         raise RuntimeError(f"nft on {host.name}: {done.stderr.strip()}")
+
+
+@contextmanager
+def brought_up(make, prefix: str):
+    """A cluster built by `make(work)` in a fresh `/var/tmp/<prefix>-<pid>`, up (its logs' tails if it does not
+    come up); afterwards its namespaces are gone (checked) and its folders removed."""
+    work = Path(f"/var/tmp/{prefix}-{os.getpid()}")
+    shutil.rmtree(work, ignore_errors=True)
+    work.mkdir(parents=True)
+    built = make(work)
+    try:
+        try:
+            built.up()
+        except BaseException as exc:
+            raise RuntimeError(f"cluster did not come up: {exc}\n{built.log_tails()}") from exc
+        yield built
+    finally:
+        built.net.down()
+        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
+        assert not any(h.ns in left for h in built.net.hosts.values()), left
+        shutil.rmtree(work, ignore_errors=True)
+        for node in built.net.hosts:
+            shutil.rmtree(built.ray_temp(node), ignore_errors=True)
+

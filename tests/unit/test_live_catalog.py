@@ -6,7 +6,6 @@ by tests/integration/test_live_catalog.py)."""
 from __future__ import annotations
 
 import asyncio
-import itertools
 
 import pytest
 
@@ -18,6 +17,7 @@ from services.inference.pool import ModelPool, Replica
 from services.inference.reconcile import Plan, Reconciler, diff, plan, removal_order
 from services.inference.router import Router
 from shared.errors import BadRequest, NotFound
+from tests.unit.stand_ins import Clock, Method, pids
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(20)]
 
@@ -173,34 +173,15 @@ def test_model_names_map_to_keys_and_back():
 
 # ---- the router at run time, with stand-in actors -----------------------------------------------------
 
-_pids = itertools.count(100)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args):
-        return self.fn(*args)
-
-
 class FakeActor:
     """A replica actor whose generations finish when the test opens `gate`."""
 
     def __init__(self, node: str, spec: ModelSpec) -> None:
-        self.node, self.pid, self.spec, self.killed = node, next(_pids), spec, False
+        self.node, self.pid, self.spec, self.killed = node, next(pids), spec, False
         self.gate = asyncio.Event()
         self.gate.set()
-        self.warmup, self.ping, self.abort = _Method(self._warmup), _Method(self._ping), _Method(lambda _: None)
-        self.generate = _Method(self._generate)
+        self.warmup, self.ping, self.abort = Method(self._warmup), Method(self._ping), Method(lambda _: None)
+        self.generate = Method(self._generate)
 
     async def _warmup(self) -> dict:
         return {"node": self.node, "pid": self.pid}

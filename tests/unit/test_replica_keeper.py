@@ -3,7 +3,6 @@ integration tests): restart budgets that refill, warm-up deadlines, restarts tha
 scheduler's placement, and make-before-break moves."""
 
 import asyncio
-import itertools
 
 import pytest
 from ray.exceptions import RayActorError
@@ -14,34 +13,16 @@ from services.inference.follow import Follower, moved
 from services.inference.keeper import Keeper
 from services.inference.pool import ModelPool, Replica
 from shared.errors import Unavailable
+from tests.unit.stand_ins import Clock, Method, pids
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(10)]
-
-_pids = itertools.count(100)
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-class _Method:
-    def __init__(self, fn) -> None:
-        self.fn = fn
-
-    def remote(self, *args):
-        return self.fn(*args)
-
 
 class FakeActor:
     """Answers like a replica actor: `warmup` (or hangs), `ping` (or raises as a dead actor does)."""
 
     def __init__(self, node: str, *, hang: bool = False) -> None:
-        self.node, self.hang, self.dead, self.pid = node, hang, False, next(_pids)
-        self.warmup, self.ping = _Method(self._warmup), _Method(self._ping)
+        self.node, self.hang, self.dead, self.pid = node, hang, False, next(pids)
+        self.warmup, self.ping = Method(self._warmup), Method(self._ping)
 
     async def _warmup(self) -> dict:
         if self.hang:
