@@ -11,7 +11,6 @@ c's heartbeat lists the digest. (The hosts share one filesystem, so "never had" 
 from __future__ import annotations
 
 import hashlib
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,7 +18,7 @@ import pytest
 import yaml
 
 from tests.multihost.hosts import Network, apply_firewall, brought_up
-from tests.multihost.test_three_hosts import NATS_PORT, REASON, REDIS_PORT, Cluster, _env_file, _namespace_of
+from tests.multihost.test_three_hosts import REASON, REDIS_PORT, Cluster, _env_file, _namespace_of
 
 pytestmark = [pytest.mark.multihost, pytest.mark.timeout(900),
               pytest.mark.skipif(bool(REASON), reason=f"multihost: {REASON}")]
@@ -40,14 +39,7 @@ class StoreCluster(Cluster):
     def up(self) -> None:
         self.net.up()
         hosts = self.net.hosts
-        nodes = [{"name": n, "host": h.address, "ram_gb": 8.0, "max_instances": 8} for n, h in hosts.items()]
-        (self.work / "cluster.yaml").write_text(yaml.safe_dump({"cluster": {"name": "lab"}, "nodes": nodes}))
-        init = subprocess.run([sys.executable, "-m", "magi.cli", "cluster", "init", str(self.out), "--config",
-                               str(self.work / "cluster.yaml"), "--head", "a", "--nats", "a",
-                               "--etc", str(self.out / "nodes" / "{node}"), "--state", str(self.work / "state" / "{node}"),
-                               "--nats-port", str(NATS_PORT), "--monitor-port", "0"],
-                              capture_output=True, text=True, timeout=60, cwd=REPO)
-        assert init.returncode == 0, init.stderr
+        self.init_material()
         for host in hosts.values():
             apply_firewall(host, self.out / "nodes" / host.name / "magi.nft")
         self.url = _env_file(self.out / "nodes" / "a" / "magi.env")["MAGI_NATS_URL"]

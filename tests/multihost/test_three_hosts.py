@@ -74,8 +74,8 @@ class Cluster:
         assert done.returncode == 0, f"probe {step} on {host}: {done.stderr[-3000:]}"
         return json.loads(done.stdout.strip().splitlines()[-1])
 
-    def up(self) -> None:
-        self.net.up()
+    def init_material(self) -> None:
+        """The cluster file for these hosts and `magi cluster init`'s material for it (a: head and NATS)."""
         hosts = self.net.hosts
         nodes = [{"name": n, "host": h.address, "ram_gb": 8.0, "max_instances": 8} for n, h in hosts.items()]
         (self.work / "cluster.yaml").write_text(yaml.safe_dump({"cluster": {"name": "lab"}, "nodes": nodes}))
@@ -85,6 +85,11 @@ class Cluster:
                                "--nats-port", str(NATS_PORT), "--monitor-port", "0"],
                               capture_output=True, text=True, timeout=60, cwd=REPO)
         assert init.returncode == 0, init.stderr
+
+    def up(self) -> None:
+        self.net.up()
+        hosts = self.net.hosts
+        self.init_material()
         for node in ("b", "c"):  # their operators let `sleep` run (the partition test's instance)
             (self.out / "nodes" / node / "agent.yaml").write_text("programs: [/usr/bin/sleep]\n")
         # Each node loads its own rules (magi-firewall.service on a real node), and host a also sits on
