@@ -12,8 +12,7 @@ Rows (the seed's four):
 - `memory_inference`: a memory search for the question, then a generation with the notes found.
 - `full_op`: a mission: memory context, a deep clone and four variations, a consensus (medoid) over their
   answers. Locally the clones run one after another and the consensus code runs in-process; through MAGI
-  it is one `magi.mission.run`, which also stores the decision (more work, not less) and, once it has answered,
-  remembers the answer; the next operation waits for that (untimed), as the local side does no such work.
+  it is one `magi.mission.run`, which also stores the decision and remembers the answer (more work, not less).
 """
 
 from __future__ import annotations
@@ -30,7 +29,6 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.memory import DATA, upsert_documents
-from benchmarks.overhead import settled
 from magi import stack
 from magi.procs import free_port
 from protos.consensus import Vote
@@ -170,7 +168,6 @@ async def _magi_round(magi: _Magi, rows: dict[str, _Row], questions: list[str]) 
         rows["memory_inference"].magi_s.append(await _timed(magi.memory_inference(questions[i])))
     for i in range(PER_ROUND["full_op"]):
         rows["full_op"].magi_s.append(await _timed(magi.full_op(_mission(questions[i]))))
-        await settled(magi.nc)
 
 
 async def _measure(state, rounds: int, progress) -> dict[str, _Row]:

@@ -91,11 +91,10 @@ class Timings(msgspec.Struct, kw_only=True):
     """Where a mission's time went, in milliseconds, measured by the orchestrator running it.
 
     Stages run one after another: memory (search for context), plan (budgets, clone prompts, the `started`
-    event), clones (all in parallel), consensus (`magi.consensus.decide`). Remembering the answer in memory
-    follows once the reply is stored, so it is in no mission's time. Each `*_engine_ms` is the part of its
-    stage spent inside engines, as the services report it: the query's embedding; the engine time of the clone
-    that finished last (clones run side by side, so that one is the critical path); consensus's embeddings and
-    synthesis. `engine_ms` is their sum
+    event), clones (all in parallel), consensus (`magi.consensus.decide`), remember (the answer into memory).
+    Each `*_engine_ms` is the part of its stage spent inside engines, as the services report it: the query's
+    embedding; the engine time of the clone that finished last (clones run side by side, so that one is the
+    critical path); consensus's embeddings and synthesis; the answer's embedding. `engine_ms` is their sum
     and `overhead_ms` = total_ms - engine_ms: bus hops, routing, databases, bookkeeping. `total_ms` runs from
     the orchestrator taking the mission to its reply, so the queue before that is not in it.
     """
@@ -103,11 +102,13 @@ class Timings(msgspec.Struct, kw_only=True):
     total_ms: float
     memory_ms: float = 0.0
     clones_ms: float = 0.0
-    consensus_ms: float = 0.0
+    consensus_ms: float = 0.0  # the decision alone; remembering the answer is remember_ms
     plan_ms: float = 0.0
+    remember_ms: float = 0.0
     memory_engine_ms: float = 0.0
     clones_engine_ms: float = 0.0
     consensus_engine_ms: float = 0.0
+    remember_engine_ms: float = 0.0
     engine_ms: float = 0.0
     overhead_ms: float = 0.0
 

@@ -59,9 +59,6 @@ _decoder = msgspec.json.Decoder(MissionRequest)
 _encoder = msgspec.json.Encoder()
 
 Runner = Callable[[MissionRequest, RequestContext, str], Awaitable[MissionReply]]
-# Work a mission's answer leads to once it is stored (remembering it): done before the ack, so a crash first means
-# redelivery, which finds the answer stored and does it again.
-After = Callable[[MissionRequest, MissionReply], Awaitable[None]]
 
 
 def mission_id_of(msg, mission: MissionRequest | None) -> str:
@@ -102,11 +99,10 @@ def retry_delay(attempt: int) -> float:
 
 
 class MissionQueue:
-    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, after: After | None = None, ack_wait_s: float = 6.0, max_deliver: int = 8,
+    def __init__(self, nc: Client, run: Runner, disruptions: Disruptions, *, ack_wait_s: float = 6.0, max_deliver: int = 8,
                  concurrency: int = 16, replicas: int = 1, max_pending: int = DEFAULT_MAX_PENDING) -> None:
         self.nc = nc
         self.run = run
-        self.after = after
         self.disruptions = disruptions
         self.ack_wait_s = ack_wait_s
         self.max_deliver = max_deliver
@@ -186,9 +182,7 @@ class MissionQueue:
         except Exception as exc:
             mission, problem = None, translate(exc)
         mission_id = mission_id_of(msg, mission)
-        answered = await self.results.stored(mission_id)
-        if answered is not None:
-            await self._after(mission, answered)  # its follow-up may be what the crash cut short
+        if await self.results.stored(mission_id) is not None:
             await msg.ack_sync()  # answered before a crash took the ack with it: never run twice
             log.info("mission already answered", extra={"mission_id": mission_id, "attempt": attempt})
             return
@@ -201,15 +195,9 @@ class MissionQueue:
         stored = await self.results.store(mission_id, outcome)
         if stored:
             self.outcomes[outcome_label(outcome)] += 1
-        await self._after(mission, outcome)
         await msg.ack_sync()  # only now: a crash before this point means redelivery, not loss
         log.info("mission done", extra={"mission_id": mission_id, "attempt": attempt, "failed": outcome.failed,
                                         "duplicate": not stored})
-
-    async def _after(self, mission: MissionRequest | None, outcome: Outcome) -> None:
-        """The follow-up of an answered mission (none for a failed one)."""
-        if self.after is not None and mission is not None and not outcome.failed:
-            await self.after(mission, outcome.reply())
 
     async def _attempt(self, msg, mission: MissionRequest, mission_id: str, attempt: int) -> Outcome | None:
         ctx = RequestContext(subject=msg.subject, headers=dict(msg.headers or {}))

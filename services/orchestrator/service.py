@@ -92,8 +92,8 @@ class Orchestrator:
             with clock.stage("consensus"):
                 record = await self._decide(mission, mission_id, clones, deadline)
             clock.spent("consensus", record.engine_ms)
-            # Remembering the answer waits until the reply is stored (`remember`, run by the queue): the caller
-            # is not kept waiting for memory's embedding and write.
+            with clock.stage("remember"):
+                await self._remember(mission, mission_id, record, deadline, clock)
             return MissionReply(
                 mission_id=mission_id,
                 consensus=ConsensusSummary(
@@ -150,26 +150,23 @@ class Orchestrator:
                                 timeout_s=round(min(left, 3600.0), 3))
         return await bus.request(self.nc, "magi.consensus.decide", request, ConsensusRecord, timeout=left)
 
-    async def remember(self, mission: MissionRequest, reply: MissionReply) -> None:
-        """The answer goes into memory (namespace `missions`, id `mission-<id>`) so later missions can recall it.
-
-        Run by the queue once the reply is stored and before the mission is acknowledged, and again for a
-        redelivered mission already answered (an upsert by id: twice is once), so a crash in between loses
-        no memory. Best effort: the mission is decided and stored, so a memory outage is logged, never fails it."""
-        decided = reply.consensus
-        doc = MemoryDoc(id=f"mission-{reply.mission_id}", namespace=MISSIONS_NAMESPACE,
-                        text=f"Q: {mission.prompt}\nA: {decided.answer}"[:MEMORY_TEXT_MAX],
-                        metadata={"mission_id": reply.mission_id, "prompt": mission.prompt, "consensus_id": decided.id,
-                                  "strategy": decided.strategy, "agreement": decided.agreement,
-                                  "clone_ids": [c.clone_id for c in reply.clones]})
+    async def _remember(self, mission: MissionRequest, mission_id: str, record: ConsensusRecord,
+                        deadline: float, clock: MissionClock) -> None:
+        """The answer goes into memory (namespace `missions`) so later missions can recall it. Best effort: the
+        mission's result is already decided and stored, so a memory outage is logged, never fails the mission."""
+        doc = MemoryDoc(id=f"mission-{mission_id}", namespace=MISSIONS_NAMESPACE,
+                        text=f"Q: {mission.prompt}\nA: {record.answer}"[:MEMORY_TEXT_MAX],
+                        metadata={"mission_id": mission_id, "prompt": mission.prompt, "consensus_id": record.id,
+                                  "strategy": record.strategy, "agreement": record.agreement,
+                                  "clone_ids": [v.clone_id for v in record.votes]})
         try:
-            await bus.request(self.nc, "magi.memory.upsert", UpsertRequest(documents=[doc]), UpsertReply,
-                              timeout=REMEMBER_TIMEOUT_S)
+            reply = await bus.request(self.nc, "magi.memory.upsert", UpsertRequest(documents=[doc]), UpsertReply,
+                                      timeout=min(REMEMBER_TIMEOUT_S, self._left(deadline)))
         except MagiError as exc:
             self.remembering.failed(exc)
         else:
             self.remembering.ended()
-
+            clock.spent("remember", reply.embed_ms)
 
 async def build(settings: Settings):
     service = MagiService("magi-orchestrator", VERSION, "Shadow-clone missions: fan out, merge", settings)
@@ -177,7 +174,7 @@ async def build(settings: Settings):
     nc = await service.connect(disconnected_cb=disruptions.bus_dropped)
     await disruptions.start(nc)
     orchestrator = Orchestrator(nc)
-    queue = MissionQueue(nc, orchestrator.run, disruptions, after=orchestrator.remember, ack_wait_s=settings.mission_ack_wait_s,
+    queue = MissionQueue(nc, orchestrator.run, disruptions, ack_wait_s=settings.mission_ack_wait_s,
                          max_deliver=settings.mission_max_deliver, concurrency=settings.mission_concurrency,
                          replicas=settings.stream_replicas, max_pending=settings.mission_max_pending)
     await queue.start()

@@ -11,7 +11,7 @@ from typing import Iterator
 
 from protos.mission import CloneResult, Timings
 
-STAGES = ("memory", "plan", "clones", "consensus")
+STAGES = ("memory", "plan", "clones", "consensus", "remember")
 
 
 def _round(ms: float) -> float:
@@ -58,8 +58,9 @@ def timings_of(total_ms: float, wall: dict[str, float], engine: dict[str, float]
         total_ms=_round(total_ms),
         memory_ms=_round(wall.get("memory", 0.0)), plan_ms=_round(wall.get("plan", 0.0)),
         clones_ms=_round(wall.get("clones", 0.0)), consensus_ms=_round(wall.get("consensus", 0.0)),
+        remember_ms=_round(wall.get("remember", 0.0)),
         memory_engine_ms=_round(inside["memory"]), clones_engine_ms=_round(inside["clones"]),
-        consensus_engine_ms=_round(inside["consensus"]),
+        consensus_engine_ms=_round(inside["consensus"]), remember_engine_ms=_round(inside["remember"]),
         engine_ms=_round(engine_ms), overhead_ms=_round(max(0.0, total_ms - engine_ms)),
     )
 
@@ -68,6 +69,7 @@ def stage_overheads(t: Timings) -> dict[str, float]:
     """Each stage's time outside the engines (its wall time less its engine time), and `other`: the mission's
     time in no stage (events, building the reply). They add up to `t.overhead_ms`."""
     shares = {"memory": t.memory_ms - t.memory_engine_ms, "plan": t.plan_ms,
-              "clones": t.clones_ms - t.clones_engine_ms, "consensus": t.consensus_ms - t.consensus_engine_ms}
-    shares["other"] = t.total_ms - (t.memory_ms + t.plan_ms + t.clones_ms + t.consensus_ms)
+              "clones": t.clones_ms - t.clones_engine_ms, "consensus": t.consensus_ms - t.consensus_engine_ms,
+              "remember": t.remember_ms - t.remember_engine_ms}
+    shares["other"] = t.total_ms - (t.memory_ms + t.plan_ms + t.clones_ms + t.consensus_ms + t.remember_ms)
     return {name: round(ms, 2) for name, ms in shares.items()}

@@ -49,7 +49,9 @@ async def test_seed_mission_end_to_end(nc, seeded, magi_stack):
     assert synthesis.model == "smollm2-135m" or synthesis.fallback
     assert reply.consensus.cited == synthesis.cited
 
-    mine = await _remembered(nc, mission.prompt, reply.mission_id)  # later missions can recall this conclusion
+    remembered = await bus.request(nc, "magi.memory.search", SearchRequest(text=mission.prompt, namespace="missions"),
+                                   SearchReply, timeout=30)  # later missions can recall this conclusion
+    mine = [h for h in remembered.hits if h.metadata.get("mission_id") == reply.mission_id]
     assert mine and mine[0].metadata["clone_ids"] == [c.clone_id for c in reply.clones]
     assert stored.answer in mine[0].text and mine[0].metadata["prompt"] == mission.prompt
 
@@ -137,15 +139,3 @@ async def test_published_bad_mission_gets_an_error_result(nc):
     msg = await _queued_result(nc, "e2e-queued-bad", b'{"variations": 3}')
     assert msg.headers["Nats-Service-Error-Code"] == "400"
     assert json.loads(msg.data)["error"]["field"] in {"prompt", "variations"}
-
-
-async def _remembered(nc, prompt: str, mission_id: str, wait_s: float = 15.0) -> list:
-    """The mission's answer as memory holds it: remembered just after the reply is stored, so wait for it."""
-    deadline = asyncio.get_running_loop().time() + wait_s
-    while True:
-        found = await bus.request(nc, "magi.memory.search", SearchRequest(text=prompt, namespace="missions"),
-                                  SearchReply, timeout=30)
-        mine = [h for h in found.hits if h.metadata.get("mission_id") == mission_id]
-        if mine or asyncio.get_running_loop().time() > deadline:
-            return mine
-        await asyncio.sleep(0.1)

@@ -134,58 +134,6 @@ async def test_a_wrong_mission_fails_at_once_and_a_hopeless_one_is_dead_lettered
         await queue.close()
 
 
-async def test_the_answers_follow_up_runs_once_it_is_stored_and_again_after_a_lost_ack(orch):
-    """Remembering an answer (`after`) happens once the result is stored, before the ack: a crash between the two
-    means redelivery, which finds the answer stored and does the follow-up again rather than never."""
-    followed: list[tuple[str, str, bool]] = []
-    results = ResultStore(orch)
-
-    async def run(mission, ctx, mission_id):
-        return reply_for(mission_id)
-
-    async def after(mission, reply):
-        followed.append((mission.mission_id, reply.consensus.answer,
-                         await results.stored(reply.mission_id) is not None))
-
-    async def failing(mission, ctx, mission_id):
-        raise BadRequest("no such model", field="model")
-
-    queue = await started(orch, run, after=after)
-    try:
-        await submit(orch, "follow-1")
-        await outcome(orch, "follow-1")
-        deadline = time.monotonic() + 10
-        while not followed and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert followed == [("follow-1", "ok", True)]  # after the result was stored
-    finally:
-        await queue.close()
-
-    # An answer stored by a worker that died before its follow-up and ack: the message is still in the queue.
-    from services.orchestrator.results import Outcome
-
-    await results.store("follow-2", Outcome.of_reply(reply_for("follow-2")))
-    await submit(orch, "follow-2")
-    queue = await started(orch, run, after=after)
-    try:
-        deadline = time.monotonic() + 10
-        while len(followed) < 2 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        assert followed[1:] == [("follow-2", "ok", True)]
-    finally:
-        await queue.close()
-
-    # A failed mission has no answer to follow up.
-    queue = await started(orch, failing, after=after)
-    try:
-        await submit(orch, "follow-3")
-        await outcome(orch, "follow-3")
-        await asyncio.sleep(0.3)
-        assert [m for m, _, _ in followed] == ["follow-1", "follow-2"]
-    finally:
-        await queue.close()
-
-
 async def test_two_workers_share_missions_and_never_run_one_twice(orch, bus_home):
     home, url = bus_home
     other = await stack.connect_as(home, url, "orchestrator")
